@@ -1,0 +1,157 @@
+"""The synchronous admission core, driven with a manual clock."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import BASE_CONFIG, KEYS
+from vllm_guard.admission import Admission, Decision, TicketState
+from vllm_guard.config import parse_config
+
+
+def _setup(config):
+    inter, batch = config.classes
+    return Admission(config.max_num_seqs, config.classes), inter, batch
+
+
+def test_batch_never_takes_reserved_slot(config):
+    adm, inter, batch = _setup(config)
+    decisions = [adm.enter(batch, 0.0)[0] for _ in range(4)]
+    assert decisions == [Decision.ADMITTED] * 3 + [Decision.QUEUED]
+    # The reserved slot is still free: an interactive request gets it at once.
+    assert adm.enter(inter, 0.0)[0] is Decision.ADMITTED
+    assert adm.in_flight == 4
+
+
+def test_strict_priority_on_release(config):
+    adm, inter, batch = _setup(config)
+    held = [adm.enter(inter, 0.0)[1] for _ in range(4)]
+    _, queued_batch = adm.enter(batch, 1.0)
+    _, queued_inter = adm.enter(inter, 2.0)  # arrives later but is more urgent
+    admitted = adm.release(held[0], 3.0)
+    assert admitted == [queued_inter]
+    assert queued_batch.state is TicketState.WAITING
+    # Batch may not use the freed slot while in_flight is at its limit (3 of 4).
+    adm.release(held[1], 3.0)
+    assert queued_batch.state is TicketState.WAITING
+    assert adm.release(held[2], 3.0) == [queued_batch]
+
+
+def test_fifo_within_class(config):
+    adm, _inter, batch = _setup(config)
+    held = [adm.enter(batch, 0.0)[1] for _ in range(3)]
+    waiting = [adm.enter(batch, float(i))[1] for i in range(3)]
+    order = []
+    for h in held:
+        order += adm.release(h, 10.0)
+    assert order == waiting
+
+
+def test_queue_full_is_refused_without_queueing(config):
+    adm, _inter, batch = _setup(config)
+    for _ in range(3):
+        adm.enter(batch, 0.0)
+    for _ in range(batch.max_queue):
+        assert adm.enter(batch, 0.0)[0] is Decision.QUEUED
+    assert adm.enter(batch, 0.0)[0] is Decision.QUEUE_FULL
+    assert adm.statistics()[1].queued == batch.max_queue
+
+
+def test_expiry_in_deadline_order(config):
+    adm, inter, _batch = _setup(config)
+    for _ in range(4):
+        adm.enter(inter, 0.0)
+    a = adm.enter(inter, 1.0)[1]
+    b = adm.enter(inter, 2.0)[1]
+    assert adm.next_deadline(inter) == 1.0 + inter.max_wait_s
+    assert adm.expire(5.9) == []
+    assert adm.expire(6.0) == [a]
+    assert adm.next_deadline(inter) == b.deadline
+    assert adm.expire(100.0) == [b]
+    assert adm.next_deadline(inter) is None
+    assert adm.statistics()[0].queued == 0
+
+
+def test_cancelled_waiter_is_skipped_and_uncounted(config):
+    adm, inter, _batch = _setup(config)
+    held = [adm.enter(inter, 0.0)[1] for _ in range(4)]
+    a = adm.enter(inter, 0.0)[1]
+    b = adm.enter(inter, 0.0)[1]
+    adm.cancel(a)
+    assert adm.statistics()[0].queued == 1
+    assert adm.release(held[0], 1.0) == [b]
+    assert a.state is TicketState.CANCELLED
+
+
+def test_new_arrival_does_not_overtake_queued_peer(config):
+    adm, inter, batch = _setup(config)
+    held = [adm.enter(batch, 0.0)[1] for _ in range(3)]
+    queued = adm.enter(batch, 0.0)[1]
+    held.append(adm.enter(inter, 0.0)[1])  # takes the reserved slot
+    adm.release(held[3], 1.0)  # the interactive slot frees; batch is still at its limit
+    assert queued.state is TicketState.WAITING
+    # A new batch arrival queues behind the waiting one rather than being admitted.
+    assert adm.enter(batch, 1.0)[0] is Decision.QUEUED
+
+
+def test_retry_after_grows_with_queue(config):
+    adm, _inter, batch = _setup(config)
+    held = [adm.enter(batch, 0.0)[1] for _ in range(3)]
+    t = 0.0
+    for h in held:  # completions every 0.5 s teach the estimator the service rate
+        t += 0.5
+        adm.release(h, t)
+    short = adm.retry_after_s(batch)
+    for _ in range(3):
+        adm.enter(batch, t)
+    for _ in range(4):
+        adm.enter(batch, t)
+    assert adm.retry_after_s(batch) > short
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["enter_i", "enter_b", "release", "cancel", "expire"]),
+        st.floats(min_value=0, max_value=3),
+    ),
+    max_size=200,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops)
+def test_invariants_under_any_interleaving(seq):
+    """Slots never exceed their class limits, strict priority holds, nothing is lost:
+    every ticket ends admitted, expired, refused or cancelled, and in-flight returns to 0."""
+    config = parse_config(BASE_CONFIG, "t.yaml", KEYS)
+    adm, inter, batch = _setup(config)
+    now = 0.0
+    admitted, waiting, all_tickets = [], [], []
+    for op, dt in seq:
+        now += dt
+        if op in ("enter_i", "enter_b"):
+            d, t = adm.enter(inter if op == "enter_i" else batch, now)
+            all_tickets.append(t)
+            (
+                admitted if d is Decision.ADMITTED else waiting if d is Decision.QUEUED else []
+            ).append(t)
+        elif op == "release" and admitted:
+            t = admitted.pop(0)
+            admitted += adm.release(t, now)
+        elif op == "cancel" and waiting:
+            adm.cancel(waiting[-1])
+        elif op == "expire":
+            adm.expire(now)
+        waiting = [t for t in waiting if t.state is TicketState.WAITING]
+        stats = {s.name: s for s in adm.statistics()}
+        assert adm.in_flight == len(admitted) <= config.max_num_seqs
+        assert stats["batch"].in_flight <= batch.slot_limit
+        assert stats["interactive"].queued + stats["batch"].queued == len(waiting)
+        # Strict priority: a batch request is never admitted while interactive ones wait
+        # and the engine has a free slot for them.
+        if stats["interactive"].queued:
+            assert adm.in_flight == config.max_num_seqs
+    while admitted:  # releasing admits the waiters, which are then released in turn
+        admitted += adm.release(admitted.pop(0), now)
+    assert adm.in_flight == 0
+    assert all(s.in_flight == 0 and s.queued == 0 for s in adm.statistics())
+    assert all(t.state is not TicketState.WAITING for t in all_tickets)

@@ -1,0 +1,145 @@
+"""`vllm-guard`: serve, proxy, check-config, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from vllm_guard import __version__
+from vllm_guard.config import ConfigError, load_config
+
+_CONFIG_HELP = (
+    "limits file (YAML); default: the embedded one (classes interactive and batch, tenants "
+    "chat-ui and nightly-etl with keys from $CHAT_UI_KEY and $ETL_KEY)"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vllm-guard",
+        description="Admission control and priority scheduling in front of vLLM.",
+    )
+    p.add_argument("--version", action="version", version=f"vllm-guard {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "serve",
+        help="start vLLM as a supervised child and serve the guard in front of it",
+        description="Start vLLM (python -m vllm.entrypoints.openai.api_server) on a private "
+        "127.0.0.1 port with --max-num-seqs from the config and --scheduling-policy priority, "
+        "and serve the guard on --host/--port. Arguments after -- go to vLLM unchanged.",
+        epilog="example: vllm-guard serve --model tiny --config configs/limits.yaml -- "
+        "--enforce-eager",
+    )
+    s.add_argument(
+        "--model",
+        required=True,
+        help="model path or name for vLLM; 'tiny' builds (once, cached) a tiny "
+        "random-weight Llama that serves on any CPU",
+    )
+    s.add_argument("--config", type=Path, help=_CONFIG_HELP)
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to serve the guard on (default 127.0.0.1; 0.0.0.0 for all)",
+    )
+    s.add_argument("--port", type=int, default=8000, help="guard port (default 8000)")
+    s.add_argument(
+        "--vllm-port",
+        type=int,
+        default=0,
+        help="vLLM's private port on 127.0.0.1 (default: a free one)",
+    )
+    s.add_argument(
+        "--vllm-log", type=Path, help="write vLLM's output to this file instead of this terminal"
+    )
+
+    x = sub.add_parser("proxy", help="guard a vLLM server that is already running")
+    x.add_argument("--upstream", required=True, help="vLLM base URL, e.g. http://127.0.0.1:8001")
+    x.add_argument("--config", type=Path, help=_CONFIG_HELP)
+    x.add_argument("--host", default="127.0.0.1", help="address to serve the guard on")
+    x.add_argument("--port", type=int, default=8000, help="guard port (default 8000)")
+
+    c = sub.add_parser("check-config", help="validate a limits file and print what it compiles to")
+    c.add_argument("file", type=Path)
+
+    d = sub.add_parser(
+        "demo",
+        help="CPU end-to-end demonstration: a batch flood against interactive probes, "
+        "straight to vLLM and through the guard",
+    )
+    d.add_argument("--flood", type=int, default=200, help="streaming batch requests (default 200)")
+    d.add_argument("--max-tokens", type=int, default=256, help="tokens per batch request")
+    d.add_argument("--probes", type=int, default=20, help="interactive probes per phase")
+    d.add_argument("--port", type=int, default=0, help="guard port (default: a free one)")
+    d.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in args_in:
+        cut = args_in.index("--")
+        args_in, extra = args_in[:cut], args_in[cut + 1 :]
+    args = _parser().parse_args(args_in)
+    if extra and args.command != "serve":
+        print("vllm-guard: arguments after -- are only for serve", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    if args.command == "demo":
+        from vllm_guard.demo import run_demo
+
+        return run_demo(args)
+
+    try:
+        config = load_config(args.config if args.command != "check-config" else args.file)
+    except ConfigError as exc:
+        print(f"vllm-guard: {exc}", file=sys.stderr)
+        return 2
+
+    if args.command == "check-config":
+        print(f"{config.source}: OK")
+        print(f"engine: max_num_seqs={config.max_num_seqs}")
+        for c in config.classes:
+            print(
+                f"class {c.name}: vllm_priority={c.vllm_priority} slot_limit={c.slot_limit} "
+                f"max_queue={c.max_queue} max_wait_s={c.max_wait_s:g}"
+            )
+        for t in config.tenants.values():
+            print(f"tenant {t.name}: class={t.priority_class.name}")
+        return 0
+
+    from vllm_guard import server
+
+    if args.command == "proxy":
+        return server.run(lambda: server.serve_proxy(config, args.upstream, args.host, args.port))
+
+    from vllm_guard.engine import EngineState
+    from vllm_guard.launcher import VllmSupervisor, free_port, vllm_command, vllm_env
+
+    tiny = args.model == "tiny"
+    model = args.model
+    if tiny:
+        from vllm_guard.tiny_model import ensure_tiny_model
+
+        model = str(ensure_tiny_model())
+    port = args.vllm_port or free_port()
+    try:
+        cmd = vllm_command(model, port, config.max_num_seqs, extra, tiny=tiny)
+    except ValueError as exc:
+        print(f"vllm-guard: {exc}", file=sys.stderr)
+        return 2
+    engine = EngineState()
+    supervisor = VllmSupervisor(cmd, vllm_env(os.environ, tiny), port, engine, args.vllm_log)
+    return server.run(
+        lambda: server.serve_with_vllm(config, supervisor, engine, args.host, args.port)
+    )

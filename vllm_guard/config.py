@@ -1,0 +1,324 @@
+"""limits.yaml: strict, frozen pydantic models, compiled once into runtime objects.
+
+Loading goes YAML -> `GuardConfig` (validation, every unknown key an error) ->
+`CompiledConfig` (classes ordered by urgency, slot limits worked out, API keys resolved
+to SHA-256 digests). A reload builds a new `CompiledConfig` and swaps one reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
+_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+DEFAULT_CONFIG = "limits.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, key path and fix."""
+
+
+class EngineConfig(BaseModel):
+    model_config = _STRICT
+
+    max_num_seqs: Annotated[int, Field(ge=1, le=65536)] = 16
+    """Engine sequence slots S (vLLM's `--max-num-seqs`). The launcher passes it to vLLM;
+    in proxy mode it must match what the upstream was started with."""
+
+
+class GuardSettings(BaseModel):
+    model_config = _STRICT
+
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+    """Largest request body accepted, in bytes; larger ones get 413."""
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0
+    """On SIGTERM/Ctrl-C: how long in-flight requests may take to finish before they are cut."""
+    upstream_connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    """Time allowed to open a connection to vLLM."""
+    upstream_read_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    """Longest silence allowed between two reads from vLLM (a stalled engine gives 504)."""
+    unavailable_retry_after_s: Annotated[int, Field(ge=1, le=600)] = 5
+    """`retry-after` sent with 503s while the engine is starting, restarting or unreachable."""
+    anonymous_tenant: str | None = None
+    """Tenant for requests without a known API key. Unset (the default): such requests get 401."""
+    upstream_api_key: str | None = None
+    """Key the guard presents to vLLM (`env:VAR`), when vLLM runs with `--api-key`."""
+
+
+class PriorityClassConfig(BaseModel):
+    model_config = _STRICT
+
+    vllm_priority: int
+    """The `priority` sent to vLLM; lower is more urgent (vLLM's priority policy).
+    Classes are ordered by it, so it also orders the guard's own queues."""
+    reserved_seqs: Annotated[int, Field(ge=0)] = 0
+    """Engine slots that less urgent classes may never use, kept free for this class
+    (and more urgent ones) so a slot is open the moment such a request arrives."""
+    max_queue: Annotated[int, Field(ge=0)] = 1000
+    """Requests of this class that may wait in the guard; beyond it, 503 at once."""
+    max_wait_s: Annotated[float, Field(ge=0)] = 30.0
+    """Longest a request of this class waits for a slot before it gets 503."""
+
+
+class TenantConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    priority_class: str = Field(alias="class")
+    """The class the tenant's requests get; a request may only choose a less urgent one."""
+    api_keys: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    """Keys as `env:VAR` (the key is read from that environment variable at load time)."""
+    api_key_sha256: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    """Keys as lowercase SHA-256 hex digests of the key (`printf %s KEY | sha256sum`)."""
+
+
+class GuardConfig(BaseModel):
+    model_config = _STRICT
+
+    engine: EngineConfig = EngineConfig()
+    guard: GuardSettings = GuardSettings()
+    classes: Mapping[Annotated[str, Field(pattern=_NAME)], PriorityClassConfig] = Field(
+        min_length=1
+    )
+    tenants: Mapping[Annotated[str, Field(pattern=_NAME)], TenantConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> GuardConfig:
+        for name, tenant in self.tenants.items():
+            if tenant.priority_class not in self.classes:
+                raise _at(
+                    ("tenants", name, "class"),
+                    f"unknown class {tenant.priority_class!r}; defined: {', '.join(self.classes)}",
+                )
+        anon = self.guard.anonymous_tenant
+        if anon is not None and anon not in self.tenants:
+            raise _at(("guard", "anonymous_tenant"), f"no tenant named {anon!r}")
+        priorities = [c.vllm_priority for c in self.classes.values()]
+        if len(set(priorities)) != len(priorities):
+            raise _at(("classes",), "two classes share a vllm_priority; give each its own")
+        reserved = sum(c.reserved_seqs for c in self.classes.values())
+        if reserved >= self.engine.max_num_seqs:
+            raise _at(
+                ("classes",),
+                f"reserved_seqs add up to {reserved}, which leaves the least urgent class no "
+                f"slot of engine.max_num_seqs={self.engine.max_num_seqs}",
+            )
+        return self
+
+
+class _LocatedError(ValueError):
+    def __init__(self, loc: tuple[str, ...], msg: str) -> None:
+        super().__init__(msg)
+        self.loc = loc
+        self.msg = msg
+
+
+def _at(loc: tuple[str, ...], msg: str) -> _LocatedError:
+    return _LocatedError(loc, msg)
+
+
+# ---------------------------------------------------------------------------------------
+# Compiled runtime objects
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityClass:
+    """A class as the request path uses it. `rank` 0 is the most urgent."""
+
+    name: str
+    rank: int
+    vllm_priority: int
+    slot_limit: int
+    """Engine slots this class may occupy together with all others: S minus the slots
+    reserved by more urgent classes."""
+    max_queue: int
+    max_wait_s: float
+    header_value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str
+    priority_class: PriorityClass
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledConfig:
+    source: str
+    max_num_seqs: int
+    guard: GuardSettings
+    classes: tuple[PriorityClass, ...]
+    """Most urgent first."""
+    classes_by_name: Mapping[str, PriorityClass]
+    tenants: Mapping[str, Tenant]
+    key_digests: Mapping[bytes, Tenant]
+    """SHA-256 digest of an API key -> its tenant."""
+    anonymous: Tenant | None
+    upstream_api_key: str | None
+
+
+def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> CompiledConfig:
+    ordered = sorted(cfg.classes.items(), key=lambda kv: kv[1].vllm_priority)
+    classes: list[PriorityClass] = []
+    reserved_above = 0
+    for rank, (name, c) in enumerate(ordered):
+        classes.append(
+            PriorityClass(
+                name=name,
+                rank=rank,
+                vllm_priority=c.vllm_priority,
+                slot_limit=cfg.engine.max_num_seqs - reserved_above,
+                max_queue=c.max_queue,
+                max_wait_s=c.max_wait_s,
+                header_value=name.encode(),
+            )
+        )
+        reserved_above += c.reserved_seqs
+    by_name = {c.name: c for c in classes}
+
+    tenants: dict[str, Tenant] = {}
+    digests: dict[bytes, Tenant] = {}
+    for tname, t in cfg.tenants.items():
+        tenant = Tenant(tname, by_name[t.priority_class])
+        tenants[tname] = tenant
+        for i, ref in enumerate(t.api_keys):
+            key = _resolve_secret(ref, env, source, ("tenants", tname, "api_keys", str(i)))
+            _add_digest(digests, hashlib.sha256(key.encode()).digest(), tenant, source, tname)
+        for i, hexdigest in enumerate(t.api_key_sha256):
+            if not _SHA256_HEX.match(hexdigest):
+                raise ConfigError(
+                    f"{source}: tenants.{tname}.api_key_sha256.{i}: expected 64 lowercase hex "
+                    "characters (printf %s KEY | sha256sum)"
+                )
+            _add_digest(digests, bytes.fromhex(hexdigest), tenant, source, tname)
+
+    upstream_key = cfg.guard.upstream_api_key
+    if upstream_key is not None:
+        upstream_key = _resolve_secret(upstream_key, env, source, ("guard", "upstream_api_key"))
+    anon = tenants[cfg.guard.anonymous_tenant] if cfg.guard.anonymous_tenant else None
+    return CompiledConfig(
+        source=source,
+        max_num_seqs=cfg.engine.max_num_seqs,
+        guard=cfg.guard,
+        classes=tuple(classes),
+        classes_by_name=by_name,
+        tenants=tenants,
+        key_digests=digests,
+        anonymous=anon,
+        upstream_api_key=upstream_key,
+    )
+
+
+def _add_digest(
+    digests: dict[bytes, Tenant], digest: bytes, tenant: Tenant, source: str, tname: str
+) -> None:
+    other = digests.get(digest)
+    if other is not None and other is not tenant:
+        raise ConfigError(
+            f"{source}: tenants.{tname}: an API key is also a key of tenant {other.name!r}; "
+            "every key must identify one tenant"
+        )
+    digests[digest] = tenant
+
+
+def _resolve_secret(ref: str, env: Mapping[str, str], source: str, loc: tuple[str, ...]) -> str:
+    path = ".".join(loc)
+    if not ref.startswith("env:"):
+        raise ConfigError(
+            f"{source}: {path}: write the key as env:VARIABLE (or list its SHA-256 digest under "
+            "api_key_sha256); plain keys are not accepted in config files"
+        )
+    var = ref[4:]
+    value = env.get(var)
+    if not value:
+        raise ConfigError(f"{source}: {path}: environment variable {var} is not set or empty")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> CompiledConfig:
+    """Read, validate and compile a limits file; `None` loads the embedded default."""
+    if path is None:
+        text = resources.files("vllm_guard.defaults").joinpath(DEFAULT_CONFIG).read_text()
+        source = f"<embedded {DEFAULT_CONFIG}>"
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    return parse_config(text, source, os.environ if env is None else env)
+
+
+def parse_config(text: str, source: str, env: Mapping[str, str]) -> CompiledConfig:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with keys classes, tenants, engine, guard")
+    try:
+        cfg = GuardConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    except _LocatedError as exc:  # pragma: no cover - pydantic wraps these as ValidationError
+        raise ConfigError(f"{source}: {'.'.join(exc.loc)}: {exc.msg}") from None
+    return compile_config(cfg, source, env)
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        ctx_err = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _LocatedError):
+            loc, msg = ctx_err.loc, ctx_err.msg
+        elif err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            msg = f"unknown key {loc[-1]!r}" + (
+                f"; allowed here: {', '.join(allowed)}" if allowed else ""
+            )
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = f"{err['msg']} (got {_short(err.get('input'))})"
+        lines.append(f"  {'.'.join(loc) or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple[str, ...]) -> list[str]:
+    """The keys a model accepts at `loc`, walking the schema (mapping names are skipped)."""
+    model: type[BaseModel] = GuardConfig
+    i = 0
+    while i < len(loc):
+        field = model.model_fields.get(loc[i])
+        if field is None:
+            return []
+        i += 1
+        ann = field.annotation
+        if loc[i - 1] in ("classes", "tenants"):
+            i += 1  # skip the class/tenant name
+            ann = PriorityClassConfig if loc[i - 2] == "classes" else TenantConfig
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

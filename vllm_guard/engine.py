@@ -1,0 +1,65 @@
+"""What the guard knows about the engine behind it: is it there to take requests?
+
+The launcher's supervisor (serve) or a health poller (proxy) writes it; the request path
+reads `ready` once per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+
+log = logging.getLogger("vllm_guard.engine")
+
+
+@dataclass(slots=True)
+class EngineState:
+    ready: bool = False
+    phase: str = "starting"
+    """starting | ready | restarting | unreachable | stopping"""
+    restarts: int = 0
+
+    def set(self, phase: str) -> None:
+        if phase != self.phase:
+            log.info("engine %s -> %s", self.phase, phase)
+        self.phase = phase
+        self.ready = phase == "ready"
+
+
+async def poll_health(
+    state: EngineState, base_url: str, interval_s: float = 2.0, timeout_s: float = 2.0
+) -> None:
+    """Proxy mode: follow an engine we did not start by its `/health`, forever."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while True:
+            try:
+                async with session.get(base_url + "/health") as resp:
+                    ok = resp.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                ok = False
+            state.set(
+                "ready" if ok else ("unreachable" if state.phase != "starting" else "starting")
+            )
+            await asyncio.sleep(interval_s)
+
+
+async def detect_scheduling_policy(base_url: str) -> str | None:
+    """The upstream's `--scheduling-policy`, where vLLM tells it (`/server_info`, which
+    only exists with VLLM_SERVER_DEV_MODE=1); None when it cannot be known."""
+    timeout = aiohttp.ClientTimeout(total=5)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(base_url + "/server_info", params={"config_format": "json"}) as resp,
+        ):
+            if resp.status != 200:
+                return None
+            info = await resp.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    policy = (info.get("vllm_config") or {}).get("scheduler_config", {}).get("policy")
+    return str(policy) if policy else None

