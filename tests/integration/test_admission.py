@@ -1,0 +1,167 @@
+"""Reserved slots, queue limits and release on every exit, on the real engine.
+
+The test config gives 4 engine slots; batch may fill 3, queue 2 and wait 2 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from tests.integration.conftest import KEYS
+
+pytestmark = pytest.mark.integration
+
+LONG = 12000  # tokens: a stream that holds its slot for many seconds on the CPU
+
+
+async def _hold(
+    session: aiohttp.ClientSession, url: str, started: asyncio.Event, stop: asyncio.Event
+) -> None:
+    """A long batch stream that keeps its slot until `stop` is set, then disconnects.
+    Read raw (no SDK parsing per chunk), so holding slots costs the test's loop nothing."""
+    body = {
+        "model": "tiny",
+        "prompt": "hold",
+        "max_tokens": LONG,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    headers = {"Authorization": f"Bearer {KEYS['ETL_KEY']}"}
+    async with session.post(url + "/v1/completions", json=body, headers=headers) as resp:
+        assert resp.status == 200
+        async for _ in resp.content.iter_any():
+            started.set()
+            if stop.is_set():
+                return
+
+
+async def _fill_batch_slots(stack, n=3):
+    session = aiohttp.ClientSession()
+    stop = asyncio.Event()
+    events = [asyncio.Event() for _ in range(n)]
+    holders = [asyncio.create_task(_hold(session, stack.url, e, stop)) for e in events]
+    holders.append(asyncio.create_task(_close_after(session, stop, holders[:])))
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
+    return stop, holders
+
+
+async def _close_after(session, stop, holders):
+    await stop.wait()
+    await asyncio.gather(*holders)
+    await session.close()
+
+
+async def test_interactive_gets_reserved_slot_while_batch_is_full(stack):
+    stop, holders = await _fill_batch_slots(stack)
+    try:
+        assert stack.guard_metric("vllm_guard_in_flight", 'class="batch"') == 3
+        t0 = time.perf_counter()
+        async with stack.async_client() as chat:
+            raw = await chat.chat.completions.with_raw_response.create(
+                model="tiny", messages=[{"role": "user", "content": "quick"}], max_tokens=4
+            )
+        assert raw.headers["x-vllm-guard-class"] == "interactive"
+        assert float(raw.headers["x-vllm-guard-queue-ms"]) < 5
+        assert time.perf_counter() - t0 < 5
+    finally:
+        stop.set()
+        await asyncio.gather(*holders)
+    stack.wait_idle()
+
+
+async def test_queue_full_then_queue_timeout_both_503_with_retry_after(stack):
+    stop, holders = await _fill_batch_slots(stack)
+    etl = stack.async_client("ETL_KEY")
+    try:
+        queued = [
+            asyncio.create_task(etl.completions.create(model="tiny", prompt="q", max_tokens=2))
+            for _ in range(2)
+        ]
+        deadline = time.monotonic() + 10
+        while stack.guard_metric("vllm_guard_queue_depth", 'class="batch"') < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        with pytest.raises(openai.InternalServerError) as full:
+            await etl.completions.create(model="tiny", prompt="q", max_tokens=2)
+        assert full.value.status_code == 503
+        assert full.value.body["code"] == "queue_full"
+        assert int(full.value.response.headers["retry-after"]) >= 1
+        t0 = time.monotonic()
+        for task in queued:
+            with pytest.raises(openai.InternalServerError) as timed_out:
+                await task
+            assert timed_out.value.body["code"] == "queue_timeout"
+            assert int(timed_out.value.response.headers["retry-after"]) >= 1
+        assert time.monotonic() - t0 < 4  # max_wait_s is 2
+    finally:
+        stop.set()
+        await asyncio.gather(*holders)
+        await etl.close()
+    stack.wait_idle()
+
+
+async def test_disconnect_mid_stream_frees_guard_and_engine(stack):
+    async with stack.async_client() as client:
+        await _read_a_little_then_leave(stack, client)
+    stack.wait_idle(timeout_s=10)
+
+
+async def _read_a_little_then_leave(stack, client):
+    stream = await client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "talk"}],
+        max_tokens=LONG,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    n = 0
+    async for _ in stream:
+        n += 1
+        if n == 5:
+            break
+    assert stack.vllm_metric("vllm:num_requests_running") == 1
+    await stream.close()
+
+
+async def test_burst_of_cancelled_requests_leaves_nothing_behind(stack):
+    rng = random.Random(7)
+    before = stack.guard_metric("vllm_guard_requests_total", 'outcome="client_disconnect"')
+    async with stack.async_client() as chat, stack.async_client("ETL_KEY") as etl:
+        await _burst(stack, rng, chat, etl)
+    stack.wait_idle(timeout_s=15)
+    # 4 running and up to 16 queued were cancelled; the guard saw each one leave.
+    after = stack.guard_metric("vllm_guard_requests_total", 'outcome="client_disconnect"')
+    assert after - before >= 15
+
+
+async def _burst(stack, rng, chat, etl):
+    async def one(i: int) -> None:
+        client = chat if i % 2 else etl
+        try:
+            stream = await client.completions.create(
+                model="tiny",
+                prompt=f"burst {i}",
+                max_tokens=LONG,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            async with stream:
+                async for _ in stream:
+                    pass
+        except openai.InternalServerError:
+            pass  # batch queue full: refused at once, holds nothing
+
+    tasks = [asyncio.create_task(one(i)) for i in range(30)]
+    await asyncio.sleep(1.0)
+    peak_in_flight = stack.guard_metric("vllm_guard_in_flight")
+    assert 1 <= peak_in_flight <= 4
+    for t in tasks:
+        await asyncio.sleep(rng.uniform(0, 0.1))
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
