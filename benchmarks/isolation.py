@@ -1,6 +1,7 @@
 """Isolation and work conservation, direct vs through the guard, measured in one run.
 
-    python benchmarks/isolation.py [--reps 3] [--probes 40] [--flood 200] [--out results/isolation]
+    python benchmarks/isolation.py [--reps 3] [--probes 40] [--flood 200] [--config FILE]
+                                   [--out results/isolation]
 
 Starts `vllm-guard serve --model tiny` (the embedded limits: 16 slots, 2 reserved for
 interactive), then for each repetition runs the isolation workload against vLLM's private
@@ -57,7 +58,7 @@ async def _warm_up(stack: Stack, targets: tuple[Target, Target]) -> None:
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    stack = Stack()
+    stack = Stack(config_path=args.config)
     stack.start()
     try:
         await stack.wait_ready()
@@ -166,6 +167,13 @@ def main() -> int:
     p.add_argument("--flood", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--out", type=Path, default=Path("results/isolation"))
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="limits file to serve with (default: the embedded one); it must define classes "
+        "interactive and batch and tenants chat-ui and nightly-etl keyed by env:CHAT_UI_KEY "
+        "and env:ETL_KEY, like configs/limits.yaml",
+    )
     args = p.parse_args()
     result = asyncio.run(_run(args))
     args.out.mkdir(parents=True, exist_ok=True)

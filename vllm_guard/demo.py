@@ -46,7 +46,9 @@ CONSERVATION_GOAL = 0.85  # guard batch tokens/s at least 85% of direct
 class Stack:
     """`vllm-guard serve --model tiny` as a child process, with keys made up for the run."""
 
-    def __init__(self, port: int = 0, log_dir: Path | None = None) -> None:
+    def __init__(
+        self, port: int = 0, log_dir: Path | None = None, config_path: Path | None = None
+    ) -> None:
         self.port = port or free_port()
         self.vllm_port = free_port()
         self.keys = {"CHAT_UI_KEY": secrets.token_urlsafe(24), "ETL_KEY": secrets.token_urlsafe(24)}
@@ -55,7 +57,8 @@ class Stack:
         self.guard_log = self.log_dir / "guard.log"
         self.proc: subprocess.Popen[bytes] | None = None
         env = {**os.environ, **self.keys}
-        self.config = load_config(None, env)
+        self.config_path = config_path
+        self.config = load_config(config_path, env)
         self._env = env
 
     @property
@@ -72,6 +75,8 @@ class Stack:
             "--port", str(self.port), "--vllm-port", str(self.vllm_port),
             "--vllm-log", str(self.vllm_log),
         ]  # fmt: skip
+        if self.config_path is not None:
+            cmd += ["--config", str(self.config_path)]
         with open(self.guard_log, "ab") as out:
             self.proc = subprocess.Popen(cmd, env=self._env, stdout=out, stderr=subprocess.STDOUT)
 
