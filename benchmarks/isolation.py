@@ -33,8 +33,10 @@ from vllm_guard.workload import Target, flood_with_probes, new_session, probes_a
 
 async def _one(stack: Stack, target: Target, args: argparse.Namespace) -> dict[str, Any]:
     slots = stack.config.max_num_seqs
-    min_running = slots if target.base_url == stack.vllm_url else (
-        stack.config.classes_by_name["batch"].slot_limit
+    min_running = (
+        slots
+        if target.base_url == stack.vllm_url
+        else (stack.config.classes_by_name["batch"].slot_limit)
     )
     async with new_session() as session:
         alone = await probes_alone(session, target, args.probes)
@@ -86,8 +88,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     return _summarise(runs, args, stack)
 
 
-def _summarise(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace,
-               stack: Stack) -> dict[str, Any]:
+def _summarise(
+    runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace, stack: Stack
+) -> dict[str, Any]:
     paths = {}
     for name, reps in runs.items():
         alone = [v for r in reps for v in r["alone_s"]]

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--flood", type=int, default=200, help="streaming batch requests (default 200)")
     d.add_argument("--max-tokens", type=int, default=256, help="tokens per batch request")
-    d.add_argument("--probes", type=int, default=20, help="interactive probes per phase")
+    d.add_argument("--probes", type=int, default=30, help="interactive probes per phase")
     d.add_argument("--port", type=int, default=0, help="guard port (default: a free one)")
     d.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     return p

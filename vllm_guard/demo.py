@@ -133,8 +133,9 @@ async def measure(
     batch_slots = stack.config.classes_by_name["batch"].slot_limit
     min_running = slots if target.base_url == stack.vllm_url else batch_slots
     async with new_session() as session:
-        if warm:
-            await probes_alone(session, target, 3)
+        if warm:  # the first requests after start-up are slow; keep them out of the numbers
+            await probes_alone(session, target, 10)
+            await flood_with_probes(session, target, 32, 32, 0, slots, 1)
         alone = await probes_alone(session, target, n_probes)
         with Progress(
             TextColumn(f"  flood {target.name:<20}"),
@@ -232,13 +233,13 @@ async def _demo(args: argparse.Namespace) -> int:
         console.print(f"Stack ready in {time.monotonic() - started:.0f} s.")
         direct_target, guard_target = stack.targets()
         results = []
-        for i, target in enumerate((direct_target, guard_target)):
+        for target in (direct_target, guard_target):
             console.print(
                 f"Measuring [bold]{target.name}[/]: {args.probes} probes alone, then "
                 f"{args.flood} batch streams with probes alongside"
             )
             results.append(
-                await measure(stack, target, args.flood, args.max_tokens, args.probes, warm=i == 0)
+                await measure(stack, target, args.flood, args.max_tokens, args.probes, warm=True)
             )
         summary = report(results[0], results[1], args.flood, args.max_tokens)
         if args.json:

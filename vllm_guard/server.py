@@ -44,6 +44,9 @@ def _uvicorn_server(app: GuardApp, host: str, port: int) -> uvicorn.Server:
         log_level="warning",
         timeout_graceful_shutdown=app.config.guard.drain_timeout_s,
         backlog=4096,
+        # Longer than clients' pools keep idle connections (aiohttp 15 s, httpx 5 s), so a
+        # client rarely reuses a connection the guard is closing at that moment.
+        timeout_keep_alive=75,
     )
     return uvicorn.Server(config)
 

@@ -14,6 +14,7 @@ FORWARDED_REQUEST_HEADERS = frozenset(
 )
 # Response headers passed back to the client (the guard adds its own).
 FORWARDED_RESPONSE_HEADERS = frozenset({"content-type", "x-request-id"})
+UPSTREAM_KEEPALIVE_S = 3.0
 
 
 class Upstream:
@@ -28,7 +29,9 @@ class Upstream:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+            # Idle connections are dropped before vLLM's own keep-alive timeout (uvicorn's
+            # 5 s there), so the guard never sends a request on a socket vLLM is closing.
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S)
             timeout = aiohttp.ClientTimeout(
                 total=None,
                 sock_connect=self._settings.upstream_connect_timeout_s,

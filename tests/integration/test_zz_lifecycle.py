@@ -22,19 +22,24 @@ def _vllm_child(stack) -> psutil.Process:
 
 
 def test_killed_engine_gives_503_then_recovers(stack):
-    client = stack.client()
+    with stack.client() as client:
+        _kill_engine_and_recover(stack, client)
+
+
+def _kill_engine_and_recover(stack, client):
     stream = client.completions.create(
         model="tiny", prompt="long", max_tokens=3000, stream=True, extra_body={"ignore_eos": True}
     )
-    next(iter(stream))
-    old = _vllm_child(stack)
-    old.kill()
-    # The request in flight ends promptly with an error instead of hanging.
-    t0 = time.monotonic()
-    with pytest.raises(openai.APIError):
-        for _ in stream:
-            pass
-    assert time.monotonic() - t0 < 10
+    with stream:
+        next(iter(stream))
+        old = _vllm_child(stack)
+        old.kill()
+        # The request in flight ends promptly with an error instead of hanging.
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                pass
+        assert time.monotonic() - t0 < 10
     # While vLLM restarts, requests get 503 with retry-after; nothing is held.
     with pytest.raises(openai.InternalServerError) as info:
         client.completions.create(model="tiny", prompt="x", max_tokens=2)
@@ -57,16 +62,23 @@ def test_killed_engine_gives_503_then_recovers(stack):
 
 def test_sigterm_drains_in_flight_and_leaves_no_orphans(stack):
     vllm = _vllm_child(stack)
-    stream = stack.client().completions.create(
-        model="tiny", prompt="drain", max_tokens=400, stream=True, extra_body={"ignore_eos": True}
-    )
-    it = iter(stream)
-    next(it)
-    os.kill(stack.proc.pid, signal.SIGTERM)
-    time.sleep(0.5)
-    with pytest.raises(httpx.ConnectError):  # no longer accepting
-        httpx.get(stack.url + "/health", timeout=2)
-    rest = list(it)  # ...but the stream in flight completes
+    with (
+        stack.client() as client,
+        client.completions.create(
+            model="tiny",
+            prompt="drain",
+            max_tokens=400,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        ) as stream,
+    ):
+        it = iter(stream)
+        next(it)
+        os.kill(stack.proc.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):  # no longer accepting
+            httpx.get(stack.url + "/health", timeout=2)
+        rest = list(it)  # ...but the stream in flight completes
     assert rest and rest[-1].choices[0].finish_reason == "length"
     assert stack.proc.wait(60) == 0
     assert not psutil.pid_exists(vllm.pid) or vllm.status() == psutil.STATUS_ZOMBIE
