@@ -172,7 +172,8 @@ class GuardApp:
         if isinstance(priority, errors.ErrorResponse):
             return await priority.send(send)
         payload["priority"] = priority
-        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        # ASCII output: a lone surrogate a client sent ("\ud800") stays escaped, never a 500.
+        body = json.dumps(payload, separators=(",", ":")).encode()
 
         # From here the request may wait and hold a slot: watch for the client leaving.
         conn = _Connection()

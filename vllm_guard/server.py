@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import uvicorn
 
@@ -19,8 +21,9 @@ from vllm_guard.upstream import Upstream
 log = logging.getLogger("vllm_guard.server")
 
 
-def run(main: Callable[[], Awaitable[int]]) -> int:
+def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run `main` on uvloop where it is installed."""
+    factory: Callable[[], asyncio.AbstractEventLoop]
     try:
         import uvloop
 
@@ -42,7 +45,7 @@ def _uvicorn_server(app: GuardApp, host: str, port: int) -> uvicorn.Server:
         access_log=False,
         server_header=False,
         log_level="warning",
-        timeout_graceful_shutdown=app.config.guard.drain_timeout_s,
+        timeout_graceful_shutdown=math.ceil(app.config.guard.drain_timeout_s),
         backlog=4096,
         # Longer than clients' pools keep idle connections (aiohttp 15 s, httpx 5 s), so a
         # client rarely reuses a connection the guard is closing at that moment.

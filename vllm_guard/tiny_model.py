@@ -100,7 +100,7 @@ def _build(out: Path) -> None:
         eos_token_id=tok.token_to_id("</s>"),
         pad_token_id=tok.token_to_id("</s>"),
         tie_word_embeddings=False,
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(dtype=torch.bfloat16)  # type: ignore[call-arg]
     model.save_pretrained(out)

@@ -65,6 +65,13 @@ async def test_priority_is_set_from_class_and_clamped(app, fake):
     assert fake.requests[-1][1]["priority"] == 10
 
 
+async def test_unusual_unicode_is_forwarded_intact(app, fake):
+    raw = b'{"prompt": "caf\\u00e9 \\ud800 \xe2\x9c\x93", "max_tokens": 2}'
+    r = await call(app, "POST", "/v1/completions", CHAT, raw)
+    assert r.status == 200
+    assert fake.requests[-1][1]["prompt"] == "caf\u00e9 \ud800 \u2713"
+
+
 async def test_client_priority_header_and_key_never_reach_vllm(app, fake):
     headers = {**CHAT, "X-Vllm-Priority": "-50", "X-data-parallel-rank": "3", "X-Request-Id": "r1"}
     r = await call(app, "POST", "/v1/completions", headers, BODY)
