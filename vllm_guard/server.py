@@ -15,7 +15,7 @@ import uvicorn
 from vllm_guard.app import GuardApp
 from vllm_guard.config import CompiledConfig
 from vllm_guard.engine import EngineState, detect_scheduling_policy, poll_health
-from vllm_guard.launcher import EngineStartError, VllmSupervisor
+from vllm_guard.launcher import VllmSupervisor
 from vllm_guard.upstream import Upstream
 
 log = logging.getLogger("vllm_guard.server")
@@ -124,6 +124,3 @@ async def serve_proxy(config: CompiledConfig, upstream_url: str, host: str, port
         finally:
             poller.cancel()
     return 0
-
-
-__all__ = ["EngineStartError", "run", "serve_proxy", "serve_with_vllm"]
