@@ -69,8 +69,10 @@ def summary_ms(values_s: list[float]) -> dict[str, float]:
 
 
 def new_session() -> aiohttp.ClientSession:
+    # Idle connections go before vLLM's 5 s keep-alive closes them (the direct path),
+    # so a probe never races a server-side close ("Cannot write to closing transport").
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=3),
         timeout=aiohttp.ClientTimeout(total=900, sock_connect=10),
     )
 
