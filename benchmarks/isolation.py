@@ -52,20 +52,13 @@ async def _one(stack: Stack, target: Target, args: argparse.Namespace) -> dict[s
     }
 
 
-async def _warm_up(stack: Stack, targets: tuple[Target, Target]) -> None:
-    async with new_session() as session:
-        for target in targets:
-            await probes_alone(session, target, 10)
-            await flood_with_probes(session, target, 32, 32, 0, stack.config.max_num_seqs, 1)
-
-
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     stack = Stack(config_path=args.config)
     stack.start()
     try:
         await stack.wait_ready()
         direct, guard = stack.targets()
-        await _warm_up(stack, (direct, guard))
+        await stack.warm_up(args.flood, args.max_tokens)
         runs: dict[str, list[dict[str, Any]]] = {"direct": [], "guard": []}
         for rep in range(args.reps):
             order = [("direct", direct), ("guard", guard)]

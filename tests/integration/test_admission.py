@@ -67,8 +67,11 @@ async def test_interactive_gets_reserved_slot_while_batch_is_full(stack):
                 model="tiny", messages=[{"role": "user", "content": "quick"}], max_tokens=4
             )
         assert raw.headers["x-vllm-guard-class"] == "interactive"
+        # What the guard controls: it admitted the request at once, batch or not.
         assert float(raw.headers["x-vllm-guard-queue-ms"]) < 5
-        assert time.perf_counter() - t0 < 5
+        # End to end it also finished (no hang). Not a latency bound: vLLM's CPU build stalls
+        # for seconds the first time it meets a batch shape; benchmarks/ measures latency.
+        assert time.perf_counter() - t0 < 60
     finally:
         stop.set()
         await asyncio.gather(*holders)
@@ -98,7 +101,8 @@ async def test_queue_full_then_queue_timeout_both_503_with_retry_after(stack):
                 await task
             assert timed_out.value.body["code"] == "queue_timeout"
             assert int(timed_out.value.response.headers["retry-after"]) >= 1
-        assert time.monotonic() - t0 < 4  # max_wait_s is 2
+        # max_wait_s is 2; the bound leaves room for a CPU starved by vLLM's shape warm-up.
+        assert time.monotonic() - t0 < 10
     finally:
         stop.set()
         await asyncio.gather(*holders)
