@@ -33,11 +33,7 @@ from vllm_guard.workload import Target, flood_with_probes, new_session, probes_a
 
 async def _one(stack: Stack, target: Target, args: argparse.Namespace) -> dict[str, Any]:
     slots = stack.config.max_num_seqs
-    min_running = (
-        slots
-        if target.base_url == stack.vllm_url
-        else (stack.config.classes_by_name["batch"].slot_limit)
-    )
+    min_running = stack.batch_running_at_saturation(target)
     async with new_session() as session:
         alone = await probes_alone(session, target, args.probes)
         flood = await flood_with_probes(

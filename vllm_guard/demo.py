@@ -117,6 +117,13 @@ class Stack:
                 await probes_alone(session, target, 10)
                 await flood_with_probes(session, target, n_flood, max_tokens, 0, slots, 1)
 
+    def batch_running_at_saturation(self, target: Target) -> int:
+        """Batch streams that run at once when the flood saturates `target`: every engine
+        slot straight to vLLM, the batch class's slot limit through the guard."""
+        if target.base_url == self.vllm_url:
+            return self.config.max_num_seqs
+        return self.config.classes_by_name["batch"].slot_limit
+
     def targets(self) -> tuple[Target, Target]:
         inter, batch = (
             self.config.classes_by_name["interactive"],
@@ -143,8 +150,7 @@ async def measure(
     stack: Stack, target: Target, n_flood: int, max_tokens: int, n_probes: int
 ) -> dict[str, Any]:
     slots = stack.config.max_num_seqs
-    batch_slots = stack.config.classes_by_name["batch"].slot_limit
-    min_running = slots if target.base_url == stack.vllm_url else batch_slots
+    min_running = stack.batch_running_at_saturation(target)
     async with new_session() as session:
         alone = await probes_alone(session, target, n_probes)
         with Progress(
