@@ -1,0 +1,76 @@
+"""limits.yaml validation: every mistake names the file, the key path and the fix."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BASE_CONFIG, KEYS
+from vllm_guard.auth import Authenticator
+from vllm_guard.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _error(text: str, env=KEYS) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "bad.yaml", env)
+    return str(info.value)
+
+
+def test_shipped_configs_load():
+    for path in (ROOT / "configs" / "limits.yaml", None):
+        config = load_config(path, KEYS)
+        batch = config.classes_by_name["batch"]
+        assert (config.max_num_seqs, batch.slot_limit) == (16, 14)
+
+
+def test_slot_limits_subtract_more_urgent_reservations(config):
+    assert [(c.name, c.slot_limit) for c in config.classes] == [("interactive", 4), ("batch", 3)]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            ("max_queue: 5", "max_qeue: 5"),
+            "classes.batch.max_qeue: unknown key 'max_qeue'; allowed",
+        ),
+        (("max_queue: 5", "max_queue: lots"), "classes.batch.max_queue: Input should be a valid"),
+        (("class: interactive", "class: vip"), "tenants.chat-ui.class: unknown class 'vip'"),
+        (('"env:ETL_KEY"', '"sk-plain"'), "tenants.nightly-etl.api_keys.0: write the key as env:"),
+        (('"env:ETL_KEY"', '"env:NOPE"'), "environment variable NOPE is not set"),
+        (("reserved_seqs: 1", "reserved_seqs: 4"), "leaves the least urgent class no slot"),
+        (("vllm_priority: 10", "vllm_priority: 0"), "share a vllm_priority"),
+        (("engine: {", "engine: {bogus: 1, "), "engine.bogus: unknown key 'bogus'"),
+    ],
+)
+def test_mistakes_are_named(change, expected):
+    message = _error(BASE_CONFIG.replace(*change))
+    assert message.startswith("bad.yaml: ")
+    assert expected in message
+
+
+def test_same_key_for_two_tenants_is_refused():
+    assert "every key must identify one tenant" in _error(
+        BASE_CONFIG, {"CHAT_UI_KEY": "k", "ETL_KEY": "k"}
+    )
+
+
+def test_not_yaml_and_not_a_mapping():
+    assert "not valid YAML" in _error("classes: [")
+    assert "expected a mapping" in _error("- 1")
+
+
+def test_sha256_keys_authenticate_and_bad_digests_are_refused():
+    digest = hashlib.sha256(b"hashed-key").hexdigest()
+    text = BASE_CONFIG.replace('api_keys: ["env:ETL_KEY"]', f'api_key_sha256: ["{digest}"]')
+    config = parse_config(text, "t.yaml", KEYS)
+    auth = Authenticator(config.key_digests, config.anonymous)
+    assert auth.tenant_for(b"Bearer hashed-key").name == "nightly-etl"
+    assert auth.tenant_for(b"bearer chat-secret").name == "chat-ui"
+    assert auth.tenant_for(b"Bearer etl-secret") is None
+    assert auth.tenant_for(None) is None
+    assert "64 lowercase hex" in _error(text.replace(digest, "abc"))
