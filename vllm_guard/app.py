@@ -90,7 +90,7 @@ class GuardApp:
                 return await self._health(send)
             if path == "/metrics":
                 body, content_type = render(self.metrics.registry)
-                return await _send_plain(send, 200, body, content_type)
+                return await errors.send_body(send, 200, body, content_type)
             return await errors.NOT_FOUND.send(send)
         if kind == "lifespan":
             return await self._lifespan(receive, send)
@@ -263,12 +263,8 @@ class GuardApp:
             resp = await upstream.session.post(
                 upstream.base_url + path, data=body, headers=upstream.headers(forwarded, True)
             )
-        except TimeoutError:  # before ClientError: aiohttp's timeouts are both
-            await errors.UPSTREAM_TIMEOUT.send(send, guard_headers)
-            return "upstream_error"
-        except (aiohttp.ClientError, OSError):
-            await errors.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers + guard_headers)
-            return "upstream_error"
+        except _UPSTREAM_ERRORS as exc:
+            return await self._upstream_failed(send, exc, guard_headers)
 
         headers = [
             (name.lower().encode("latin-1"), value.encode("latin-1"))
@@ -290,7 +286,7 @@ class GuardApp:
             try:
                 async for chunk in resp.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except _UPSTREAM_ERRORS as exc:
                 log.warning("upstream stream broke: %s", type(exc).__name__)
                 event = errors.sse_error_event(
                     "The inference engine stopped in the middle of this response.",
@@ -300,12 +296,8 @@ class GuardApp:
                 return "upstream_error"
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return "ok"
-        except TimeoutError:
-            await errors.UPSTREAM_TIMEOUT.send(send, guard_headers)
-            return "upstream_error"
-        except (aiohttp.ClientError, OSError):
-            await errors.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers + guard_headers)
-            return "upstream_error"
+        except _UPSTREAM_ERRORS as exc:
+            return await self._upstream_failed(send, exc, guard_headers)
         finally:
             # Closing (not releasing) an unfinished response drops the connection, which is
             # how vLLM learns to abort the request and free its KV blocks.
@@ -314,9 +306,22 @@ class GuardApp:
             else:
                 resp.release()
 
+    async def _upstream_failed(
+        self, send: Any, exc: BaseException, guard_headers: list[tuple[bytes, bytes]]
+    ) -> str:
+        """Answer for a vLLM that failed before the response started: 504 when it went
+        silent (aiohttp's timeouts are also ClientErrors, so this is checked first), else
+        503 with retry-after, since a vLLM that drops connections is usually restarting."""
+        if isinstance(exc, TimeoutError):
+            await errors.UPSTREAM_TIMEOUT.send(send, guard_headers)
+        else:
+            await errors.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers + guard_headers)
+        return "upstream_error"
+
 
 # ---------------------------------------------------------------------------------------
 
+_UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 _TOO_LARGE = object()
 
@@ -360,17 +365,3 @@ async def _watch_disconnect(receive: Any, conn: _Connection, task: asyncio.Task[
     if not conn.finished:
         conn.gone = True
         task.cancel()
-
-
-async def _send_plain(send: Any, status: int, body: bytes, content_type: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})

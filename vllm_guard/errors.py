@@ -12,7 +12,7 @@ from typing import Any
 
 Headers = list[tuple[bytes, bytes]]
 
-_JSON = (b"content-type", b"application/json")
+_JSON = b"application/json"
 
 
 def error_body(
@@ -47,13 +47,19 @@ class ErrorResponse:
 async def send_json(
     send: Any, status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()
 ) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [_JSON, (b"content-length", str(len(body)).encode()), *headers],
-        }
-    )
+    await send_body(send, status, body, _JSON, headers)
+
+
+async def send_body(
+    send: Any,
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """A whole response in one body message."""
+    start = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": [*start, *headers]})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
