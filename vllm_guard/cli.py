@@ -58,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--vllm-log", type=Path, help="write vLLM's output to this file instead of this terminal"
     )
+    s.add_argument(
+        "--engine-nice",
+        type=int,
+        choices=range(20),
+        metavar="N",
+        help="run vLLM at this nice value (and its session's autogroup), so its busy engine "
+        "threads cannot starve the guard on shared cores (default: 10 with the CPU build, "
+        "else 0)",
+    )
 
     x = sub.add_parser("proxy", help="guard a vLLM server that is already running")
     x.add_argument("--upstream", required=True, help="vLLM base URL, e.g. http://127.0.0.1:8001")
@@ -124,7 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return server.run(lambda: server.serve_proxy(config, args.upstream, args.host, args.port))
 
     from vllm_guard.engine import EngineState
-    from vllm_guard.launcher import VllmSupervisor, free_port, vllm_command, vllm_env
+    from vllm_guard.launcher import (
+        VllmSupervisor,
+        default_engine_nice,
+        free_port,
+        vllm_command,
+        vllm_env,
+    )
 
     tiny = args.model == "tiny"
     model = args.model
@@ -139,7 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vllm-guard: {exc}", file=sys.stderr)
         return 2
     engine = EngineState()
-    supervisor = VllmSupervisor(cmd, vllm_env(os.environ, tiny), port, engine, args.vllm_log)
+    nice = default_engine_nice() if args.engine_nice is None else args.engine_nice
+    supervisor = VllmSupervisor(
+        cmd, vllm_env(os.environ, tiny), port, engine, args.vllm_log, nice=nice
+    )
     return server.run(
         lambda: server.serve_with_vllm(config, supervisor, engine, args.host, args.port)
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -40,10 +41,14 @@ class Stack:
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=KEYS[key], **kw)
 
     def guard_metric(self, name: str, labels: str = "") -> float:
-        return _metric(httpx.get(self.url + "/metrics").text, name, labels)
+        return _metric(httpx.get(self.url + "/metrics", timeout=30).text, name, labels)
+
+    async def aguard_metric(self, name: str, labels: str = "") -> float:
+        """For async tests: a blocking scrape would stall the loop their requests run on."""
+        return await asyncio.to_thread(self.guard_metric, name, labels)
 
     def vllm_metric(self, name: str) -> float:
-        return _metric(httpx.get(self.vllm_url + "/metrics").text, name, "")
+        return _metric(httpx.get(self.vllm_url + "/metrics", timeout=30).text, name, "")
 
     def wait_idle(self, timeout_s: float = 30) -> None:
         """Until the guard holds and queues nothing and vLLM runs and waits for nothing."""

@@ -1,0 +1,58 @@
+"""The child set-up the launcher runs before exec'ing vLLM, on the event loop the guard uses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from vllm_guard.launcher import _child_setup, vllm_command
+
+AUTOGROUP = Path("/proc/self/autogroup")
+
+_REPORT = """
+import os
+print(os.getsid(0) == os.getpid(), os.getpgid(0) == os.getpid(), os.nice(0))
+print(open("/proc/self/autogroup").read() if os.path.exists("/proc/self/autogroup") else "")
+"""
+
+
+async def _spawn_and_report(nice: int) -> list[str]:
+    proc = await asyncio.create_subprocess_exec(
+        "python3", "-c", _REPORT, preexec_fn=_child_setup(nice), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    return out.decode().splitlines()
+
+
+def test_child_gets_its_own_session_and_the_nice_value_not_the_guard():
+    """uvloop runs preexec_fn before its own setsid: writing the autogroup there once
+    deprioritised the guard itself. The child must lead its own session and process group
+    (so killpg takes vLLM's engine core along) and carry the nice value alone."""
+    guard_nice = os.nice(0)
+    guard_autogroup = AUTOGROUP.read_text() if AUTOGROUP.exists() else ""
+    lines = uvloop.run(_spawn_and_report(7))
+    assert lines[0] == f"True True {guard_nice + 7}"
+    if guard_autogroup:
+        assert lines[1].endswith("nice 7")
+        assert lines[1].split()[0] != guard_autogroup.split()[0]
+        assert AUTOGROUP.read_text() == guard_autogroup
+    assert os.nice(0) == guard_nice
+
+
+def test_nice_zero_leaves_priority_alone():
+    lines = uvloop.run(_spawn_and_report(0))
+    assert lines[0] == f"True True {os.nice(0)}"
+
+
+def test_owned_vllm_arguments_are_refused_after_the_separator():
+    with pytest.raises(ValueError, match="--max-num-seqs is set by vllm-guard"):
+        vllm_command("m", 1, 4, ["--max-num-seqs=8"])
+    cmd = vllm_command("m", 1234, 4, ["--enforce-eager"])
+    assert cmd[cmd.index("--scheduling-policy") + 1] == "priority"
+    assert cmd[cmd.index("--max-num-seqs") + 1] == "4"
+    assert cmd[-1] == "--enforce-eager"
