@@ -1,11 +1,13 @@
 """The guard: a pure ASGI app in front of vLLM's OpenAI-compatible server.
 
 Request path for the generation endpoints (see DESIGN.md):
-auth -> class -> engine up? -> body (size, JSON, fields) -> admission (queue) ->
-forward with the class's `priority` -> stream back unchanged -> release.
+auth -> class -> engine up? -> body (size, JSON, fields) -> tenant quota (estimate,
+reserve on every dimension or 429) -> admission (queue) -> forward with the class's
+`priority` -> stream back -> release the slot -> settle the quota with the real usage.
 
-Every path out of `_generate` releases what the request holds: the slot is returned in a
-`finally`, a queued request leaves its queue when its task is cancelled, and a client
+Every path out of `_guarded` releases what the request holds: the slot is returned and
+the quota settled in `finally`s, a queued request leaves its queue when its task is
+cancelled, and a client
 that disconnects cancels the task, which closes the upstream connection so vLLM aborts
 the request and frees its KV cache.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from typing import Any
 
 import aiohttp
@@ -29,8 +32,10 @@ from vllm_guard.auth import Authenticator
 from vllm_guard.classify import CLASS_HEADER, clamp_priority, resolve_class
 from vllm_guard.config import CompiledConfig, PriorityClass
 from vllm_guard.engine import EngineState
+from vllm_guard.estimate import Estimate, UsageTap, estimate, usage_total
 from vllm_guard.gate import Gate, RefusalReason, Refused, retry_after_header
 from vllm_guard.metrics import GuardMetrics, render
+from vllm_guard.quota import Denied, TenantQuota, go_duration
 from vllm_guard.upstream import FORWARDED_REQUEST_HEADERS, FORWARDED_RESPONSE_HEADERS, Upstream
 
 log = logging.getLogger("vllm_guard.app")
@@ -53,6 +58,34 @@ class _Connection:
         self.finished = False
 
 
+class _Usage:
+    """What `_forward` learned about the request's real cost, for settling its quota.
+
+    Charged when vLLM gave no usage: a stream that was cut off pays its prompt plus one
+    token per content event streamed; a request vLLM may have worked on without saying
+    how much (no answer, a client that left before a non-streaming answer) pays its whole
+    estimate, so leaving early never buys free compute; an error status from vLLM pays no
+    tokens (it refused before generating) but still counts as a request."""
+
+    __slots__ = ("events", "sent", "status", "total", "wants_usage")
+
+    def __init__(self, wants_usage: bool) -> None:
+        self.wants_usage = wants_usage  # the client asked for the stream's usage chunk
+        self.sent = False  # handed to vLLM (it may have worked on it)
+        self.status = 0
+        self.total: int | None = None  # usage.total_tokens, when vLLM reported it
+        self.events = 0  # content events streamed
+
+    def used_tokens(self, est: Estimate, stream: bool) -> int:
+        if self.total is not None:
+            return self.total
+        if self.status == 200 and stream:
+            return est.prompt_tokens + self.events
+        if self.status in (0, 200):
+            return est.total
+        return 0
+
+
 class GuardApp:
     def __init__(
         self,
@@ -68,6 +101,12 @@ class GuardApp:
         self.gate = Gate(self.admission)
         self.auth = Authenticator(config.key_digests, config.anonymous)
         self.metrics = GuardMetrics(config, self.admission, engine)
+        # Buckets start full; the first refill (on the loop's clock) caps them at capacity.
+        self.quotas = {
+            name: TenantQuota(t.limits, 0.0)
+            for name, t in config.tenants.items()
+            if t.limits is not None
+        }
         self._unavailable_headers = [
             (b"retry-after", str(config.guard.unavailable_retry_after_s).encode())
         ]
@@ -172,6 +211,26 @@ class GuardApp:
         if isinstance(priority, errors.ErrorResponse):
             return await priority.send(send)
         payload["priority"] = priority
+        stream = payload.get("stream") is True
+        usage = _Usage(_asked_for_usage(payload))
+
+        quota = self.quotas.get(tenant.name)
+        reservation = est = None
+        guard_headers = [(_CLASS_HEADER_OUT, priority_class.header_value)]
+        if quota is not None:
+            est = await self._estimate(path, payload, priority_class, quota)
+            loop = asyncio.get_running_loop()
+            charged = quota.try_reserve(est.total, loop.time())
+            if isinstance(charged, Denied):
+                return await self._rate_limited(send, tenant.name, quota, charged, est)
+            reservation = charged
+            guard_headers += _ratelimit_headers(quota, loop.time())
+            if stream and quota.limits.counts_tokens and not usage.wants_usage:
+                options = payload.get("stream_options")
+                payload["stream_options"] = {
+                    **(options if isinstance(options, dict) else {}),
+                    "include_usage": True,
+                }
         # ASCII output: a lone surrogate a client sent ("\ud800") stays escaped, never a 500.
         body = json.dumps(payload, separators=(",", ":")).encode()
 
@@ -182,7 +241,7 @@ class GuardApp:
         watcher = asyncio.ensure_future(_watch_disconnect(receive, conn, task))
         try:
             await self._admit_and_forward(
-                send, path, body, forwarded, priority_class, payload.get("stream") is True
+                send, path, body, forwarded, priority_class, stream, guard_headers, usage
             )
         except asyncio.CancelledError:
             if not conn.gone:
@@ -192,7 +251,63 @@ class GuardApp:
         finally:
             conn.finished = True
             watcher.cancel()
+            if reservation is not None and quota is not None and est is not None:
+                quota.settle(
+                    reservation,
+                    usage.used_tokens(est, stream),
+                    asyncio.get_running_loop().time(),
+                    sent=usage.sent,
+                )
         return None
+
+    async def _estimate(
+        self,
+        path: str,
+        payload: dict[str, Any],
+        priority_class: PriorityClass,
+        quota: TenantQuota,
+    ) -> Estimate:
+        if not quota.limits.counts_tokens:
+            return Estimate(0, 0, True)  # only requests and concurrency are limited
+        up = self.upstream
+        return await estimate(
+            up.session,
+            up.base_url,
+            up.headers([], True),
+            path,
+            payload,
+            priority_class.default_max_tokens,
+        )
+
+    async def _rate_limited(
+        self, send: Any, tenant: str, quota: TenantQuota, denied: Denied, est: Estimate
+    ) -> None:
+        now = asyncio.get_running_loop().time()
+        headers = _ratelimit_headers(quota, now)
+        if denied.retry_after_s == float("inf"):
+            self.metrics.rate_limited(tenant, denied.dimension)
+            return await errors.ErrorResponse(
+                400,
+                f"This request needs an estimated {est.total} tokens ({est.prompt_tokens} "
+                f"prompt + {est.completion_tokens} completion), more than the {denied.dimension} "
+                f"limit of {denied.limit:g} can ever allow; lower max_tokens or split it.",
+                "invalid_request_error",
+                "request_exceeds_limit",
+                param="max_tokens",
+            ).send(send, headers)
+        self.metrics.rate_limited(tenant, denied.dimension)
+        # Concurrency has no refill time: a slot frees when one of the tenant's requests ends.
+        wait_s = max(denied.retry_after_s, 0.001) if denied.retry_after_s else 1.0
+        message = (
+            f"Rate limit reached for tenant {tenant!r} on {denied.dimension} "
+            f"(limit {denied.limit:g}); retry after the delay in the retry-after header."
+        )
+        response = errors.ErrorResponse(429, message, "rate_limit_exceeded", denied.dimension)
+        headers += [
+            (b"retry-after", str(min(60, max(1, math.ceil(wait_s)))).encode()),
+            (b"retry-after-ms", str(math.ceil(wait_s * 1000)).encode()),
+        ]
+        await response.send(send, headers)
 
     async def _admit_and_forward(
         self,
@@ -202,6 +317,8 @@ class GuardApp:
         forwarded: list[tuple[bytes, bytes]],
         priority_class: PriorityClass,
         stream: bool,
+        guard_headers: list[tuple[bytes, bytes]],
+        usage: _Usage,
     ) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -212,11 +329,8 @@ class GuardApp:
         try:
             waited_s = loop.time() - started
             self.metrics.queue_wait[priority_class.name].observe(waited_s)
-            guard_headers = [
-                (_CLASS_HEADER_OUT, priority_class.header_value),
-                (_QUEUE_HEADER, f"{waited_s * 1000:.1f}".encode()),
-            ]
-            outcome = await self._forward(send, path, body, forwarded, guard_headers, stream)
+            guard_headers = [*guard_headers, (_QUEUE_HEADER, f"{waited_s * 1000:.1f}".encode())]
+            outcome = await self._forward(send, path, body, forwarded, guard_headers, stream, usage)
             self.metrics.count(priority_class.name, outcome)
         finally:
             self.gate.release(ticket)
@@ -256,14 +370,19 @@ class GuardApp:
         forwarded: list[tuple[bytes, bytes]],
         guard_headers: list[tuple[bytes, bytes]],
         stream: bool,
+        usage: _Usage,
     ) -> str:
-        """Send the request to vLLM and its answer to the client; returns the outcome."""
+        """Send the request to vLLM and its answer to the client; returns the outcome.
+        Notes in `usage` what vLLM reported the request cost."""
         upstream = self.upstream
+        usage.sent = True
         try:
             resp = await upstream.session.post(
                 upstream.base_url + path, data=body, headers=upstream.headers(forwarded, True)
             )
         except _UPSTREAM_ERRORS as exc:
+            # Only a refused connection proves vLLM never saw the request.
+            usage.sent = not isinstance(exc, aiohttp.ClientConnectorError)
             return await self._upstream_failed(send, exc, guard_headers)
 
         headers = [
@@ -272,10 +391,12 @@ class GuardApp:
             if name.lower() in FORWARDED_RESPONSE_HEADERS
         ]
         headers += guard_headers
+        usage.status = resp.status
         is_stream = stream and resp.headers.get("content-type", "").startswith(_EVENT_STREAM)
         try:
             if not is_stream:
                 data = await resp.read()
+                usage.total = _usage_of_body(data)
                 headers.append((b"content-length", str(len(data)).encode()))
                 await send(
                     {"type": "http.response.start", "status": resp.status, "headers": headers}
@@ -283,9 +404,15 @@ class GuardApp:
                 await send({"type": "http.response.body", "body": data, "more_body": False})
                 return "ok"
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            tap = UsageTap(keep_usage=usage.wants_usage)
             try:
                 async for chunk in resp.content.iter_any():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    out = tap.feed(chunk)
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                rest = tap.flush()
+                if rest:
+                    await send({"type": "http.response.body", "body": rest, "more_body": True})
             except _UPSTREAM_ERRORS as exc:
                 log.warning("upstream stream broke: %s", type(exc).__name__)
                 event = errors.sse_error_event(
@@ -294,6 +421,9 @@ class GuardApp:
                 )
                 await send({"type": "http.response.body", "body": event, "more_body": False})
                 return "upstream_error"
+            finally:
+                usage.events = tap.events
+                usage.total = usage_total(tap.usage)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return "ok"
         except _UPSTREAM_ERRORS as exc:
@@ -341,6 +471,37 @@ async def _read_body(receive: Any, limit: int) -> bytes | object | None:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _asked_for_usage(payload: dict[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _usage_of_body(data: bytes) -> int | None:
+    try:
+        return usage_total(json.loads(data).get("usage"))
+    except (ValueError, AttributeError):
+        return None
+
+
+def _ratelimit_headers(quota: TenantQuota, now: float) -> list[tuple[bytes, bytes]]:
+    """OpenAI's x-ratelimit-* headers, for the dimensions the tenant is limited on."""
+    snap = quota.snapshot(now)
+    headers = []
+    if snap.limit_requests is not None:
+        headers += [
+            (b"x-ratelimit-limit-requests", b"%d" % snap.limit_requests),
+            (b"x-ratelimit-remaining-requests", b"%d" % snap.remaining_requests),
+            (b"x-ratelimit-reset-requests", go_duration(snap.reset_requests_s).encode()),
+        ]
+    if snap.limit_tokens is not None:
+        headers += [
+            (b"x-ratelimit-limit-tokens", b"%d" % snap.limit_tokens),
+            (b"x-ratelimit-remaining-tokens", b"%d" % snap.remaining_tokens),
+            (b"x-ratelimit-reset-tokens", go_duration(snap.reset_tokens_s).encode()),
+        ]
+    return headers
 
 
 def _parse_payload(raw: bytes) -> dict[str, Any] | errors.ErrorResponse:

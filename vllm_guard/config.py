@@ -14,10 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vllm_guard.quota import Limits
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
 _NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
@@ -57,6 +59,31 @@ class GuardSettings(BaseModel):
     """Key the guard presents to vLLM (`env:VAR`), when vLLM runs with `--api-key`."""
 
 
+class LimitsConfig(BaseModel):
+    """A tenant's quota; every key is optional and a missing one is unlimited."""
+
+    model_config = _STRICT
+
+    requests_per_minute: Annotated[float, Field(gt=0, strict=False)] | None = None
+    tokens_per_minute: Annotated[float, Field(gt=0, strict=False)] | None = None
+    """Prompt plus completion tokens, charged up front (see quota.py) and settled with usage."""
+    tokens_per_day: Annotated[float, Field(gt=0, strict=False)] | None = None
+    max_concurrent: Annotated[int, Field(ge=1)] | None = None
+    """Requests of the tenant admitted at once (queued in the guard or running in vLLM)."""
+    burst: Mapping[
+        Literal["requests_per_minute", "tokens_per_minute", "tokens_per_day"],
+        Annotated[float, Field(gt=0, strict=False)],
+    ] = Field(default_factory=dict)
+    """Bucket capacity per dimension where it should differ from the limit itself."""
+
+    @model_validator(mode="after")
+    def _burst_needs_limit(self) -> LimitsConfig:
+        for dim in self.burst:
+            if getattr(self, dim) is None:
+                raise _at(("burst", dim), f"a burst for {dim} needs {dim} itself to be set")
+        return self
+
+
 class PriorityClassConfig(BaseModel):
     model_config = _STRICT
 
@@ -70,6 +97,11 @@ class PriorityClassConfig(BaseModel):
     """Requests of this class that may wait in the guard; beyond it, 503 at once."""
     max_wait_s: Annotated[float, Field(ge=0)] = 30.0
     """Longest a request of this class waits for a slot before it gets 503."""
+    default_limits: LimitsConfig | None = None
+    """Limits for the class's tenants that set no `limits` of their own."""
+    default_max_tokens: Annotated[int, Field(ge=1)] = 1024
+    """Completion tokens charged up front for a request that sets neither `max_tokens` nor
+    `max_completion_tokens` (the request itself is not changed; settling corrects it)."""
 
 
 class TenantConfig(BaseModel):
@@ -81,6 +113,8 @@ class TenantConfig(BaseModel):
     """Keys as `env:VAR` (the key is read from that environment variable at load time)."""
     api_key_sha256: Annotated[tuple[str, ...], Field(strict=False)] = ()
     """Keys as lowercase SHA-256 hex digests of the key (`printf %s KEY | sha256sum`)."""
+    limits: LimitsConfig | None = None
+    """The tenant's quota; unset takes its class's `default_limits` (or none)."""
 
 
 class GuardConfig(BaseModel):
@@ -145,12 +179,15 @@ class PriorityClass:
     max_queue: int
     max_wait_s: float
     header_value: bytes
+    default_max_tokens: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
 class Tenant:
     name: str
     priority_class: PriorityClass
+    limits: Limits | None = None
+    """None: no quota at all (nothing is counted for the tenant)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +219,7 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
                 max_queue=c.max_queue,
                 max_wait_s=c.max_wait_s,
                 header_value=name.encode(),
+                default_max_tokens=c.default_max_tokens,
             )
         )
         reserved_above += c.reserved_seqs
@@ -190,7 +228,8 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
     tenants: dict[str, Tenant] = {}
     digests: dict[bytes, Tenant] = {}
     for tname, t in cfg.tenants.items():
-        tenant = Tenant(tname, by_name[t.priority_class])
+        limits = t.limits or cfg.classes[t.priority_class].default_limits
+        tenant = Tenant(tname, by_name[t.priority_class], _compile_limits(limits))
         tenants[tname] = tenant
         for i, ref in enumerate(t.api_keys):
             key = _resolve_secret(ref, env, source, ("tenants", tname, "api_keys", str(i)))
@@ -218,6 +257,19 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
         anonymous=anon,
         upstream_api_key=upstream_key,
     )
+
+
+def _compile_limits(cfg: LimitsConfig | None) -> Limits | None:
+    if cfg is None:
+        return None
+    limits = Limits(
+        requests_per_minute=cfg.requests_per_minute,
+        tokens_per_minute=cfg.tokens_per_minute,
+        tokens_per_day=cfg.tokens_per_day,
+        max_concurrent=cfg.max_concurrent,
+        burst=dict(cfg.burst) or None,
+    )
+    return None if limits.empty else limits
 
 
 def _add_digest(
@@ -286,7 +338,7 @@ def _describe(exc: ValidationError, source: str) -> str:
         loc = tuple(str(p) for p in err["loc"])
         ctx_err = (err.get("ctx") or {}).get("error")
         if isinstance(ctx_err, _LocatedError):
-            loc, msg = ctx_err.loc, ctx_err.msg
+            loc, msg = loc + ctx_err.loc, ctx_err.msg  # loc: where the failing model sits
         elif err["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1])
             msg = f"unknown key {loc[-1]!r}" + (
@@ -313,6 +365,8 @@ def _allowed_keys(loc: tuple[str, ...]) -> list[str]:
         if loc[i - 1] in ("classes", "tenants"):
             i += 1  # skip the class/tenant name
             ann = PriorityClassConfig if loc[i - 2] == "classes" else TenantConfig
+        if loc[i - 1] in ("limits", "default_limits"):
+            ann = LimitsConfig
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann

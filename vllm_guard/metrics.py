@@ -91,6 +91,12 @@ class GuardMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        self._rate_limited = Counter(
+            "vllm_guard_rate_limited",
+            "Requests refused by a tenant limit, by tenant and dimension.",
+            ["tenant", "dimension"],
+            registry=self.registry,
+        )
         names = [c.name for c in config.classes]
         self.outcome = {
             (name, outcome): requests.labels(name, outcome)
@@ -102,6 +108,9 @@ class GuardMetrics:
 
     def count(self, class_name: str, outcome: str) -> None:
         self.outcome[class_name, outcome].inc()
+
+    def rate_limited(self, tenant: str, dimension: str) -> None:
+        self._rate_limited.labels(tenant, dimension).inc()
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, bytes]:

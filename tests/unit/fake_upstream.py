@@ -22,12 +22,15 @@ class FakeVllm:
         self.aborted = 0
         self._runner: web.AppRunner | None = None
         self.url = ""
+        self.tokenize_calls = 0
+        self.completion_tokens = 5  # tokens each fake answer "generates"
 
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._generate)
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/tokenize", self._tokenize)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -39,6 +42,17 @@ class FakeVllm:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    @staticmethod
+    def prompt_tokens(body: dict[str, Any]) -> int:
+        """The fake's tokenizer: one token per character of prompt or message content."""
+        if "messages" in body:
+            return sum(len(m.get("content", "")) for m in body["messages"])
+        return len(body.get("prompt", ""))
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        self.tokenize_calls += 1
+        return web.json_response({"count": self.prompt_tokens(await request.json())})
+
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "tiny"}]})
 
@@ -49,13 +63,17 @@ class FakeVllm:
         try:
             if self.mode == "hang":
                 await self.release.wait()
+            prompt = self.prompt_tokens(body)
+            usage = {
+                "prompt_tokens": prompt,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt + self.completion_tokens,
+            }
             if not body.get("stream"):
-                return web.json_response(
-                    {"choices": [{"text": "hi"}], "usage": {"completion_tokens": 1}}
-                )
+                return web.json_response({"choices": [{"text": "hi"}], "usage": usage})
             resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
             await resp.prepare(request)
-            for i in range(5):
+            for i in range(self.completion_tokens if self.mode == "ok" else 5):
                 await resp.write(b"data: " + json.dumps({"i": i}).encode() + b"\n\n")
                 if self.mode == "die_mid_stream" and i == 1:
                     assert request.transport is not None
@@ -63,6 +81,9 @@ class FakeVllm:
                     return resp
                 if self.mode == "slow":
                     await asyncio.sleep(0.05)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                chunk = {"choices": [], "usage": usage}
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             return resp
         except (asyncio.CancelledError, ConnectionResetError):

@@ -1,0 +1,201 @@
+"""Tenant quotas in the ASGI app against the fake upstream: 429s, headers, usage, settling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import pytest_asyncio
+
+from tests.conftest import KEYS
+from tests.unit.asgi import Client, call
+from tests.unit.fake_upstream import FakeVllm
+from vllm_guard.app import GuardApp
+from vllm_guard.config import parse_config
+from vllm_guard.engine import EngineState
+from vllm_guard.estimate import UsageTap
+from vllm_guard.quota import REQUESTS, TOKENS_DAY
+from vllm_guard.upstream import Upstream
+
+CONFIG = """
+engine: {max_num_seqs: 4}
+classes:
+  interactive: {vllm_priority: 0, reserved_seqs: 1, max_queue: 3, max_wait_s: 5}
+  batch: {vllm_priority: 10, max_queue: 5, max_wait_s: 60, default_max_tokens: 50}
+tenants:
+  chat-ui:
+    class: interactive
+    api_keys: ["env:CHAT_UI_KEY"]
+    limits: {requests_per_minute: 2}
+  nightly-etl:
+    class: batch
+    api_keys: ["env:ETL_KEY"]
+    limits: {tokens_per_day: 600, max_concurrent: 2}  # day: no refill to speak of in a test
+"""
+CHAT = {"Authorization": "Bearer chat-secret"}
+ETL = {"Authorization": "Bearer etl-secret"}
+
+
+@pytest_asyncio.fixture
+async def fake():
+    fake = FakeVllm()
+    await fake.start()
+    yield fake
+    fake.release.set()
+    await fake.stop()
+
+
+@pytest_asyncio.fixture
+async def app(fake):
+    config = parse_config(CONFIG, "test.yaml", KEYS)
+    engine = EngineState()
+    engine.set("ready")
+    app = GuardApp(config, Upstream(fake.url, config.guard), engine)
+    yield app
+    await app.upstream.close()
+
+
+def level(app: GuardApp, tenant: str, dim: str) -> float:
+    bucket = app.quotas[tenant].buckets[dim]
+    bucket.refill(asyncio.get_running_loop().time())
+    return bucket.level
+
+
+async def test_over_rpm_gets_429_with_exact_retry_after_and_headers(app, fake):
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
+    first = await call(app, "POST", "/v1/completions", CHAT, body)
+    assert first.status == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-reset-requests"] == "30s"  # one request at 2/min
+    assert (await call(app, "POST", "/v1/completions", CHAT, body)).status == 200
+    refused = await call(app, "POST", "/v1/completions", CHAT, body)
+    assert refused.status == 429
+    error = refused.json()["error"]
+    assert error["type"] == "rate_limit_exceeded"
+    assert error["code"] == REQUESTS
+    assert "requests_per_minute (limit 2)" in error["message"]
+    # Both requests were charged about now: the first slot comes back in ~30 s.
+    assert 29_000 < int(refused.headers["retry-after-ms"]) <= 30_000
+    assert refused.headers["retry-after"] == "30"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert len(fake.requests) == 2  # the refused one never reached vLLM
+    assert fake.tokenize_calls == 0  # a requests-only limit needs no token count
+
+
+async def test_stream_usage_is_requested_settled_and_hidden_from_the_client(app, fake):
+    body = {"model": "tiny", "prompt": "x" * 20, "max_tokens": 100, "stream": True}
+    r = await call(app, "POST", "/v1/completions", ETL, body)
+    assert r.status == 200
+    forwarded = fake.requests[-1][1]
+    assert forwarded["stream_options"] == {"include_usage": True}
+    assert b'"usage"' not in r.body  # the client did not ask for it
+    assert r.body.endswith(b"data: [DONE]\n\n")
+    assert r.headers["x-ratelimit-limit-tokens"] == "600"
+    assert r.headers["x-ratelimit-remaining-tokens"] == str(600 - 120)  # charged 20 + 100
+    # Settled with the real usage: 20 prompt + 5 completion tokens.
+    assert level(app, "nightly-etl", TOKENS_DAY) == pytest.approx(600 - 25, abs=0.1)
+
+
+async def test_stream_usage_chunk_kept_when_the_client_asked(app, fake):
+    body = {
+        "model": "tiny",
+        "prompt": "abc",
+        "max_tokens": 10,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    r = await call(app, "POST", "/v1/completions", ETL, body)
+    events = [e for e in r.body.split(b"\n\n") if e.startswith(b"data: {")]
+    assert json.loads(events[-1][6:])["usage"]["total_tokens"] == 8
+
+
+async def test_default_max_tokens_is_charged_when_the_request_sets_none(app, fake):
+    r = await call(app, "POST", "/v1/completions", ETL, {"model": "tiny", "prompt": "abcd"})
+    assert r.status == 200
+    assert r.headers["x-ratelimit-remaining-tokens"] == str(600 - 54)  # 4 + class default 50
+    assert "max_tokens" not in fake.requests[-1][1]  # the request itself is not changed
+
+
+async def test_a_request_that_can_never_fit_gets_400_at_once(app, fake):
+    r = await call(app, "POST", "/v1/completions", ETL, {"prompt": "a", "max_tokens": 700})
+    assert r.status == 400
+    assert r.json()["error"]["code"] == "request_exceeds_limit"
+    assert "estimated 701 tokens" in r.json()["error"]["message"]
+    assert fake.requests == []
+    assert level(app, "nightly-etl", TOKENS_DAY) == pytest.approx(600)
+
+
+async def test_concurrency_limit_and_release_on_disconnect(app, fake):
+    fake.mode = "hang"
+    clients = [Client(json.dumps({"prompt": "ab", "max_tokens": 5}).encode()) for _ in range(2)]
+    tasks = [
+        asyncio.create_task(call(app, "POST", "/v1/completions", ETL, client=c)) for c in clients
+    ]
+    await _until(lambda: fake.active == 2)
+    third = await call(app, "POST", "/v1/completions", ETL, {"prompt": "ab", "max_tokens": 5})
+    assert third.status == 429
+    assert third.json()["error"]["code"] == "max_concurrent"
+    assert third.headers["retry-after"] == "1"
+    for c in clients:
+        c.disconnect()
+    await asyncio.gather(*tasks)
+    assert app.quotas["nightly-etl"].in_flight == 0
+    # vLLM was working on both when their clients left: each pays its estimate (2 + 5).
+    assert level(app, "nightly-etl", TOKENS_DAY) == pytest.approx(600 - 14, abs=0.1)
+
+
+async def test_refused_by_the_engine_being_down_costs_nothing(app, fake):
+    app.engine.set("restarting")
+    r = await call(app, "POST", "/v1/completions", CHAT, {"prompt": "a", "max_tokens": 1})
+    assert r.status == 503
+    assert level(app, "chat-ui", REQUESTS) == pytest.approx(2)
+
+
+async def test_upstream_unreachable_refunds_everything(app, fake):
+    await fake.stop()
+    r = await call(app, "POST", "/v1/completions", ETL, {"prompt": "abc", "max_tokens": 7})
+    assert r.status == 503
+    assert app.quotas["nightly-etl"].in_flight == 0
+    assert level(app, "nightly-etl", TOKENS_DAY) == pytest.approx(600)
+
+
+def test_usage_tap_handles_events_split_anywhere():
+    usage = {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    stream = (
+        b'data: {"choices":[{"text":"a"}]}\n\n'
+        b'data: {"choices":[{"text":"b"}],"usage":null}\n\n'
+        b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
+        b"data: [DONE]\n\n"
+    )
+    for cut in range(1, len(stream)):
+        tap = UsageTap(keep_usage=False)
+        out = tap.feed(stream[:cut]) + tap.feed(stream[cut:]) + tap.flush()
+        assert out == stream.replace(
+            b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n", b""
+        )
+        assert tap.usage == usage
+        assert tap.events == 2
+
+
+async def _until(cond, timeout=5.0):
+    for _ in range(int(timeout / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+async def test_stream_cut_by_the_client_pays_prompt_plus_tokens_streamed(app, fake):
+    fake.mode = "slow"
+    client = Client(json.dumps({"prompt": "abcd", "max_tokens": 100, "stream": True}).encode())
+    task = asyncio.create_task(call(app, "POST", "/v1/completions", ETL, client=client))
+    await client.first_body.wait()
+    await asyncio.sleep(0.06)  # about two events in
+    client.disconnect()
+    await task
+    streamed = client.reply.body.count(b"data: {")
+    assert 1 <= streamed < 5
+    assert app.quotas["nightly-etl"].in_flight == 0
+    assert level(app, "nightly-etl", TOKENS_DAY) == pytest.approx(600 - 4 - streamed, abs=0.1)

@@ -1,0 +1,218 @@
+"""Tenant quotas: token buckets and a concurrency count, reserved up front, settled after.
+
+Synchronous and free of I/O; `now` (seconds, monotonic) is passed in, so tests run on a
+manual clock.
+
+A request is charged its estimate on every dimension at once, all or nothing: if one
+bucket cannot pay, none is touched. When the request ends it is settled with what it
+really used — the unused part of the estimate goes back, an overrun is charged — so each
+bucket keeps its promise in every window: over any interval of length T it lets through
+at most `capacity + rate * T`.
+
+A bucket may go below zero when a request used more than it was charged (an estimate
+that was too low); that debt is paid off by refill before anything else is admitted,
+which is what keeps the promise over the windows that include the overrun.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+REQUESTS = "requests_per_minute"
+TOKENS_MINUTE = "tokens_per_minute"
+TOKENS_DAY = "tokens_per_day"
+CONCURRENCY = "max_concurrent"
+
+_PERIOD_S = {REQUESTS: 60.0, TOKENS_MINUTE: 60.0, TOKENS_DAY: 86400.0}
+
+
+class TokenBucket:
+    """Capacity `capacity`, refilled continuously at `rate` per second."""
+
+    __slots__ = ("capacity", "level", "rate", "updated")
+
+    def __init__(self, capacity: float, rate: float, now: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self.level = capacity
+        self.updated = now
+
+    def refill(self, now: float) -> None:
+        if now > self.updated:
+            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+            self.updated = now
+
+    def wait_s(self, cost: float, now: float) -> float:
+        """Seconds until `cost` can be paid (0 if it can now; inf if it never can)."""
+        self.refill(now)
+        if cost <= self.level:
+            return 0.0
+        if cost > self.capacity:
+            return math.inf
+        return (cost - self.level) / self.rate
+
+    def reset_s(self, now: float) -> float:
+        """Seconds until the bucket is full again."""
+        self.refill(now)
+        return (self.capacity - self.level) / self.rate
+
+    def adjust(self, delta: float) -> None:
+        """Charge (delta > 0) or refund (delta < 0); a refund never overfills."""
+        self.level = min(self.capacity, self.level - delta)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One tenant's limits; None means unlimited on that dimension."""
+
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    tokens_per_day: float | None = None
+    max_concurrent: int | None = None
+    burst: Mapping[str, float] | None = None
+    """Bucket capacity per dimension where it differs from the limit."""
+
+    @property
+    def counts_tokens(self) -> bool:
+        return self.tokens_per_minute is not None or self.tokens_per_day is not None
+
+    @property
+    def empty(self) -> bool:
+        return (
+            self.requests_per_minute is None
+            and not self.counts_tokens
+            and self.max_concurrent is None
+        )
+
+
+class Denied(NamedTuple):
+    """A dimension that refused, its limit, and when to retry (inf: the request never fits)."""
+
+    dimension: str
+    limit: float
+    retry_after_s: float
+
+
+class Reservation:
+    """What a request was charged; settle it exactly once."""
+
+    __slots__ = ("quota", "settled", "tokens")
+
+    def __init__(self, quota: TenantQuota, tokens: int) -> None:
+        self.quota = quota
+        self.tokens = tokens
+        self.settled = False
+
+
+class Snapshot(NamedTuple):
+    """The numbers behind the x-ratelimit-* headers."""
+
+    limit_requests: float | None
+    remaining_requests: int
+    reset_requests_s: float
+    limit_tokens: float | None
+    remaining_tokens: int
+    reset_tokens_s: float
+
+
+class TenantQuota:
+    def __init__(self, limits: Limits, now: float) -> None:
+        self.limits = limits
+        burst = limits.burst or {}
+        self.buckets: dict[str, TokenBucket] = {}
+        for dim in (REQUESTS, TOKENS_MINUTE, TOKENS_DAY):
+            limit = getattr(limits, dim)
+            if limit is not None:
+                capacity = burst.get(dim, limit)
+                self.buckets[dim] = TokenBucket(capacity, limit / _PERIOD_S[dim], now)
+        self.in_flight = 0
+
+    def _costs(self, tokens: int) -> list[tuple[str, TokenBucket, float]]:
+        return [
+            (dim, bucket, 1.0 if dim == REQUESTS else float(tokens))
+            for dim, bucket in self.buckets.items()
+        ]
+
+    def try_reserve(self, tokens: int, now: float) -> Reservation | Denied:
+        """Charge one request of `tokens` estimated tokens on every dimension, or nothing.
+
+        On refusal, the dimension reported is the one that frees up last, so retrying
+        after its `retry_after_s` finds every dimension able to pay (if nothing else
+        was charged meanwhile). A request larger than a bucket's capacity is refused
+        with `retry_after_s = inf`, whatever the other dimensions say."""
+        worst: Denied | None = None
+        for dim, bucket, cost in self._costs(tokens):
+            wait = bucket.wait_s(cost, now)
+            if wait > 0 and (worst is None or wait > worst.retry_after_s):
+                worst = Denied(dim, getattr(self.limits, dim), wait)
+        cap = self.limits.max_concurrent
+        if cap is not None and self.in_flight >= cap and worst is None:
+            worst = Denied(CONCURRENCY, cap, 0.0)  # frees when one of its requests ends
+        if worst is not None:
+            return worst
+        for _, bucket, cost in self._costs(tokens):
+            bucket.adjust(cost)
+        self.in_flight += 1
+        return Reservation(self, tokens)
+
+    def settle(
+        self, reservation: Reservation, used_tokens: int, now: float, sent: bool = True
+    ) -> None:
+        """End a request that used `used_tokens` (prompt + completion): refund what it
+        did not use, charge what it used beyond its estimate. A request the engine never
+        saw (`sent=False`: refused while queued, engine down) is refunded entirely, the
+        request itself included; a sent one stays counted as a request."""
+        if reservation.settled:
+            return
+        reservation.settled = True
+        self.in_flight -= 1
+        if not sent:
+            used_tokens = 0
+            bucket = self.buckets.get(REQUESTS)
+            if bucket is not None:
+                bucket.refill(now)
+                bucket.adjust(-1.0)
+        delta = used_tokens - reservation.tokens
+        if delta:
+            for dim in (TOKENS_MINUTE, TOKENS_DAY):
+                bucket = self.buckets.get(dim)
+                if bucket is not None:
+                    bucket.refill(now)
+                    bucket.adjust(delta)
+
+    def snapshot(self, now: float) -> Snapshot:
+        req = self.buckets.get(REQUESTS)
+        tok = self.buckets.get(TOKENS_MINUTE) or self.buckets.get(TOKENS_DAY)
+        return Snapshot(
+            self.limits.requests_per_minute,
+            _remaining(req, now),
+            req.reset_s(now) if req else 0.0,
+            tok and (self.limits.tokens_per_minute or self.limits.tokens_per_day),
+            _remaining(tok, now),
+            tok.reset_s(now) if tok else 0.0,
+        )
+
+
+def _remaining(bucket: TokenBucket | None, now: float) -> int:
+    if bucket is None:
+        return 0
+    bucket.refill(now)
+    return max(0, math.floor(bucket.level))
+
+
+def go_duration(seconds: float) -> str:
+    """A duration as OpenAI's x-ratelimit-reset-* headers write it: `1s`, `6m0s`, `1h2m3s`,
+    `120ms` below a second (rounded up, so a client waiting that long finds room)."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    total = math.ceil(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
