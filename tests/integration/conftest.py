@@ -19,7 +19,12 @@ import pytest
 from vllm_guard.launcher import free_port
 
 CONFIG = Path(__file__).with_name("limits.yaml")
-KEYS = {"CHAT_UI_KEY": "it-chat-key-5b1f", "ETL_KEY": "it-etl-key-93ac"}
+KEYS = {
+    "CHAT_UI_KEY": "it-chat-key-5b1f",
+    "ETL_KEY": "it-etl-key-93ac",
+    "METERED_KEY": "it-metered-key-77d0",
+    "METERED_TOKENS_KEY": "it-metered-tokens-key-1e4a",
+}
 STARTUP_TIMEOUT_S = 600
 
 
