@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vllm_guard import __version__
-from vllm_guard.config import ConfigError, load_config
+from vllm_guard.config import ConfigError, Tenant, load_config
 
 _CONFIG_HELP = (
     "limits file (YAML); default: the embedded one (classes interactive and batch, tenants "
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"max_queue={c.max_queue} max_wait_s={c.max_wait_s:g}"
             )
         for t in config.tenants.values():
-            print(f"tenant {t.name}: class={t.priority_class.name}")
+            print(f"tenant {t.name}: class={t.priority_class.name} limits={_limits_text(t)}")
         return 0
 
     from vllm_guard import server
@@ -161,3 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return server.run(
         lambda: server.serve_with_vllm(config, supervisor, engine, args.host, args.port)
     )
+
+
+def _limits_text(tenant: Tenant) -> str:
+    limits = tenant.limits
+    if limits is None:
+        return "none"
+    parts = [
+        f"{name}={value:.0f}"
+        for name in ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_concurrent")
+        if (value := getattr(limits, name)) is not None
+    ]
+    parts += [f"burst.{dim}={cap:.0f}" for dim, cap in (limits.burst or {}).items()]
+    return " ".join(parts)

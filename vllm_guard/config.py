@@ -267,7 +267,7 @@ def _compile_limits(cfg: LimitsConfig | None) -> Limits | None:
         tokens_per_minute=cfg.tokens_per_minute,
         tokens_per_day=cfg.tokens_per_day,
         max_concurrent=cfg.max_concurrent,
-        burst=dict(cfg.burst) or None,
+        burst={str(dim): cap for dim, cap in cfg.burst.items()} or None,
     )
     return None if limits.empty else limits
 

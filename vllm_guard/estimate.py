@@ -40,17 +40,14 @@ class Estimate(NamedTuple):
 
 
 def completion_budget(payload: dict[str, Any], default_max_tokens: int) -> int:
-    budget = payload.get("max_completion_tokens")
-    if not _is_count(budget):
-        budget = payload.get("max_tokens")
-    if not _is_count(budget):
-        budget = default_max_tokens
+    budget = default_max_tokens
+    for key in ("max_tokens", "max_completion_tokens"):  # the latter wins, as in vLLM
+        value = payload.get(key)
+        if type(value) is int and value >= 0:
+            budget = value
     n = payload.get("n")
-    return int(budget) * (int(n) if _is_count(n) and n >= 1 else 1)
-
-
-def _is_count(value: Any) -> bool:
-    return type(value) is int and value >= 0
+    copies = n if type(n) is int and n >= 1 else 1
+    return budget * copies
 
 
 def heuristic_prompt_tokens(path: str, payload: dict[str, Any]) -> int:

@@ -190,7 +190,7 @@ class TenantQuota:
             self.limits.requests_per_minute,
             _remaining(req, now),
             req.reset_s(now) if req else 0.0,
-            tok and (self.limits.tokens_per_minute or self.limits.tokens_per_day),
+            (self.limits.tokens_per_minute or self.limits.tokens_per_day) if tok else None,
             _remaining(tok, now),
             tok.reset_s(now) if tok else 0.0,
         )

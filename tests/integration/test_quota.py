@@ -29,9 +29,7 @@ async def test_over_the_limit_gets_429_and_the_sdk_retry_succeeds_after_the_adve
     assert hit.value.body["code"] == "requests_per_minute"
     assert hit.value.response.headers["x-ratelimit-remaining-requests"] == "0"
 
-    hits_before = await stack.aguard_metric(
-        "vllm_guard_rate_limited_total", 'tenant="metered"'
-    )
+    hits_before = await stack.aguard_metric("vllm_guard_rate_limited_total", 'tenant="metered"')
     async with stack.async_client("METERED_KEY", max_retries=3) as retrying:
         t0 = time.monotonic()
         raw = await retrying.completions.with_raw_response.create(

@@ -38,9 +38,7 @@ _step = st.tuples(
     burst=st.one_of(st.none(), st.integers(min_value=400, max_value=8000)),
     steps=st.lists(_step, min_size=1, max_size=120),
 )
-def test_no_window_lets_through_more_than_capacity_plus_rate_times_length(
-    rpm, tpm, burst, steps
-):
+def test_no_window_lets_through_more_than_capacity_plus_rate_times_length(rpm, tpm, burst, steps):
     """Over every interval [a, b] the tokens of the requests admitted in it (counted as
     what they really used) and their number stay within capacity + rate * (b - a)."""
     limits = Limits(
@@ -68,10 +66,9 @@ def test_no_window_lets_through_more_than_capacity_plus_rate_times_length(
             if estimate > token_cap:
                 assert result.retry_after_s == math.inf
     for i, (start, _) in enumerate(admitted):
-        tokens = requests = 0
-        for end, used in admitted[i:]:
+        tokens = 0
+        for requests, (end, used) in enumerate(admitted[i:], start=1):
             tokens += used
-            requests += 1
             span = end - start
             assert tokens <= token_cap + tpm / 60 * span + 1e-6
             assert requests <= rpm + rpm / 60 * span + 1e-6
