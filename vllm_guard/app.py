@@ -36,6 +36,7 @@ from vllm_guard.estimate import Estimate, UsageTap, estimate, usage_total
 from vllm_guard.gate import Gate, RefusalReason, Refused, retry_after_header
 from vllm_guard.metrics import GuardMetrics, render
 from vllm_guard.quota import Denied, TenantQuota, go_duration
+from vllm_guard.quota_gate import QuotaGate
 from vllm_guard.upstream import FORWARDED_REQUEST_HEADERS, FORWARDED_RESPONSE_HEADERS, Upstream
 
 log = logging.getLogger("vllm_guard.app")
@@ -102,8 +103,8 @@ class GuardApp:
         self.auth = Authenticator(config.key_digests, config.anonymous)
         self.metrics = GuardMetrics(config, self.admission, engine)
         # Buckets start full; the first refill (on the loop's clock) caps them at capacity.
-        self.quotas = {
-            name: TenantQuota(t.limits, 0.0)
+        self.quota_gates = {
+            name: QuotaGate(TenantQuota(t.limits, 0.0))
             for name, t in config.tenants.items()
             if t.limits is not None
         }
@@ -214,18 +215,12 @@ class GuardApp:
         stream = payload.get("stream") is True
         usage = _Usage(_asked_for_usage(payload))
 
-        quota = self.quotas.get(tenant.name)
-        reservation = est = None
+        quota = self.quota_gates.get(tenant.name)
+        est = Estimate(0, 0, True)
         guard_headers = [(_CLASS_HEADER_OUT, priority_class.header_value)]
         if quota is not None:
-            est = await self._estimate(path, payload, priority_class, quota)
-            loop = asyncio.get_running_loop()
-            charged = quota.try_reserve(est.total, loop.time())
-            if isinstance(charged, Denied):
-                return await self._rate_limited(send, tenant.name, quota, charged, est)
-            reservation = charged
-            guard_headers += _ratelimit_headers(quota, loop.time())
-            if stream and quota.limits.counts_tokens and not usage.wants_usage:
+            est = await self._estimate(path, payload, priority_class, quota.quota)
+            if stream and quota.quota.limits.counts_tokens and not usage.wants_usage:
                 options = payload.get("stream_options")
                 payload["stream_options"] = {
                     **(options if isinstance(options, dict) else {}),
@@ -234,12 +229,20 @@ class GuardApp:
         # ASCII output: a lone surrogate a client sent ("\ud800") stays escaped, never a 500.
         body = json.dumps(payload, separators=(",", ":")).encode()
 
-        # From here the request may wait and hold a slot: watch for the client leaving.
+        # From here the request may wait and hold capacity: watch for the client leaving.
         conn = _Connection()
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.ensure_future(_watch_disconnect(receive, conn, task))
+        reservation = None
         try:
+            if quota is not None:
+                max_wait_s = priority_class.max_wait_s if priority_class.wait_on_limit else 0.0
+                charged = await quota.reserve(est.total, max_wait_s)
+                if isinstance(charged, Denied):
+                    return await self._rate_limited(send, tenant.name, quota.quota, charged, est)
+                reservation = charged
+                guard_headers += _ratelimit_headers(quota.quota, asyncio.get_running_loop().time())
             await self._admit_and_forward(
                 send, path, body, forwarded, priority_class, stream, guard_headers, usage
             )
@@ -251,13 +254,14 @@ class GuardApp:
         finally:
             conn.finished = True
             watcher.cancel()
-            if reservation is not None and quota is not None and est is not None:
-                quota.settle(
+            if reservation is not None and quota is not None:
+                quota.quota.settle(
                     reservation,
                     usage.used_tokens(est, stream),
                     asyncio.get_running_loop().time(),
                     sent=usage.sent,
                 )
+                quota.settled()
         return None
 
     async def _estimate(

@@ -99,6 +99,10 @@ class PriorityClassConfig(BaseModel):
     """Longest a request of this class waits for a slot before it gets 503."""
     default_limits: LimitsConfig | None = None
     """Limits for the class's tenants that set no `limits` of their own."""
+    on_limit: Literal["reject", "wait"] | None = None
+    """Over a tenant limit: `reject` answers 429 at once; `wait` holds the request until
+    the tenant's buckets can pay, up to `max_wait_s` (then 429). Default: reject for the
+    most urgent class, wait for the others."""
     default_max_tokens: Annotated[int, Field(ge=1)] = 1024
     """Completion tokens charged up front for a request that sets neither `max_tokens` nor
     `max_completion_tokens` (the request itself is not changed; settling corrects it)."""
@@ -180,6 +184,7 @@ class PriorityClass:
     max_wait_s: float
     header_value: bytes
     default_max_tokens: int = 1024
+    wait_on_limit: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +225,7 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
                 max_wait_s=c.max_wait_s,
                 header_value=name.encode(),
                 default_max_tokens=c.default_max_tokens,
+                wait_on_limit=(c.on_limit or ("reject" if rank == 0 else "wait")) == "wait",
             )
         )
         reserved_above += c.reserved_seqs

@@ -136,13 +136,13 @@ class TenantQuota:
             for dim, bucket in self.buckets.items()
         ]
 
-    def try_reserve(self, tokens: int, now: float) -> Reservation | Denied:
-        """Charge one request of `tokens` estimated tokens on every dimension, or nothing.
+    def check(self, tokens: int, now: float) -> Denied | None:
+        """Why a request of `tokens` estimated tokens cannot be charged now, or None.
 
-        On refusal, the dimension reported is the one that frees up last, so retrying
-        after its `retry_after_s` finds every dimension able to pay (if nothing else
-        was charged meanwhile). A request larger than a bucket's capacity is refused
-        with `retry_after_s = inf`, whatever the other dimensions say."""
+        The dimension reported is the one that frees up last, so retrying after its
+        `retry_after_s` finds every dimension able to pay (if nothing else was charged
+        meanwhile). A request larger than a bucket's capacity gets `retry_after_s = inf`,
+        whatever the other dimensions say."""
         worst: Denied | None = None
         for dim, bucket, cost in self._costs(tokens):
             wait = bucket.wait_s(cost, now)
@@ -151,8 +151,13 @@ class TenantQuota:
         cap = self.limits.max_concurrent
         if cap is not None and self.in_flight >= cap and worst is None:
             worst = Denied(CONCURRENCY, cap, 0.0)  # frees when one of its requests ends
-        if worst is not None:
-            return worst
+        return worst
+
+    def try_reserve(self, tokens: int, now: float) -> Reservation | Denied:
+        """Charge one request on every dimension at once, or on none (see `check`)."""
+        denied = self.check(tokens, now)
+        if denied is not None:
+            return denied
         for _, bucket, cost in self._costs(tokens):
             bucket.adjust(cost)
         self.in_flight += 1

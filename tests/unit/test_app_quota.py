@@ -22,7 +22,8 @@ CONFIG = """
 engine: {max_num_seqs: 4}
 classes:
   interactive: {vllm_priority: 0, reserved_seqs: 1, max_queue: 3, max_wait_s: 5}
-  batch: {vllm_priority: 10, max_queue: 5, max_wait_s: 60, default_max_tokens: 50}
+  batch: {vllm_priority: 10, max_queue: 5, max_wait_s: 60, default_max_tokens: 50, on_limit: reject}
+  bulk: {vllm_priority: 20, max_wait_s: 2}  # on_limit: wait, the default below the top class
 tenants:
   chat-ui:
     class: interactive
@@ -32,7 +33,12 @@ tenants:
     class: batch
     api_keys: ["env:ETL_KEY"]
     limits: {tokens_per_day: 600, max_concurrent: 2}  # day: no refill to speak of in a test
+  backfill:
+    class: bulk
+    api_keys: ["env:BACKFILL_KEY"]
+    limits: {requests_per_minute: 60, burst: {requests_per_minute: 1}, max_concurrent: 1}
 """
+BACKFILL = {"Authorization": "Bearer backfill-secret"}
 CHAT = {"Authorization": "Bearer chat-secret"}
 ETL = {"Authorization": "Bearer etl-secret"}
 
@@ -48,7 +54,7 @@ async def fake():
 
 @pytest_asyncio.fixture
 async def app(fake):
-    config = parse_config(CONFIG, "test.yaml", KEYS)
+    config = parse_config(CONFIG, "test.yaml", {**KEYS, "BACKFILL_KEY": "backfill-secret"})
     engine = EngineState()
     engine.set("ready")
     app = GuardApp(config, Upstream(fake.url, config.guard), engine)
@@ -57,7 +63,7 @@ async def app(fake):
 
 
 def level(app: GuardApp, tenant: str, dim: str) -> float:
-    bucket = app.quotas[tenant].buckets[dim]
+    bucket = app.quota_gates[tenant].quota.buckets[dim]
     bucket.refill(asyncio.get_running_loop().time())
     return bucket.level
 
@@ -141,7 +147,7 @@ async def test_concurrency_limit_and_release_on_disconnect(app, fake):
     for c in clients:
         c.disconnect()
     await asyncio.gather(*tasks)
-    assert app.quotas["nightly-etl"].in_flight == 0
+    assert app.quota_gates["nightly-etl"].quota.in_flight == 0
     # vLLM was working on both when their clients left: each pays its estimate (2 + 5).
     assert level(app, "nightly-etl", TOKENS_DAY) == pytest.approx(600 - 14, abs=0.1)
 
@@ -157,7 +163,7 @@ async def test_upstream_unreachable_refunds_everything(app, fake):
     await fake.stop()
     r = await call(app, "POST", "/v1/completions", ETL, {"prompt": "abc", "max_tokens": 7})
     assert r.status == 503
-    assert app.quotas["nightly-etl"].in_flight == 0
+    assert app.quota_gates["nightly-etl"].quota.in_flight == 0
     assert level(app, "nightly-etl", TOKENS_DAY) == pytest.approx(600)
 
 
@@ -197,5 +203,65 @@ async def test_stream_cut_by_the_client_pays_prompt_plus_tokens_streamed(app, fa
     await task
     streamed = client.reply.body.count(b"data: {")
     assert 1 <= streamed < 5
-    assert app.quotas["nightly-etl"].in_flight == 0
+    assert app.quota_gates["nightly-etl"].quota.in_flight == 0
     assert level(app, "nightly-etl", TOKENS_DAY) == pytest.approx(600 - 4 - streamed, abs=0.1)
+
+
+# -- on_limit: wait ----------------------------------------------------------------------
+
+
+async def test_wait_class_holds_the_request_until_the_bucket_refills(app, fake):
+    loop = asyncio.get_running_loop()
+    body = {"prompt": "a", "max_tokens": 1}
+    assert (await call(app, "POST", "/v1/completions", BACKFILL, body)).status == 200
+    t0 = loop.time()
+    second = await call(app, "POST", "/v1/completions", BACKFILL, body)
+    assert second.status == 200
+    assert 0.9 < loop.time() - t0 < 1.5  # one request per second: the refill time, no polling
+
+
+async def test_wait_class_is_woken_by_a_settle_for_concurrency(app, fake):
+    fake.mode = "hang"
+    body = {"prompt": "a", "max_tokens": 1}
+    first = asyncio.create_task(call(app, "POST", "/v1/completions", BACKFILL, body))
+    await _until(lambda: fake.active == 1)
+    await asyncio.sleep(1.0)  # the requests bucket has refilled; only concurrency blocks
+    second = asyncio.create_task(call(app, "POST", "/v1/completions", BACKFILL, body))
+    await _until(lambda: app.quota_gates["backfill"].waiting == 1)
+    fake.mode = "ok"
+    fake.release.set()  # the first ends, settles, and wakes the second
+    assert (await first).status == 200
+    assert (await second).status == 200
+    assert app.quota_gates["backfill"].quota.in_flight == 0
+
+
+async def test_wait_gives_429_at_max_wait_and_refuses_at_once_when_waiting_cannot_help(app, fake):
+    fake.mode = "hang"
+    body = {"prompt": "a", "max_tokens": 1}
+    first = asyncio.create_task(call(app, "POST", "/v1/completions", BACKFILL, body))
+    await _until(lambda: fake.active == 1)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    second = await call(app, "POST", "/v1/completions", BACKFILL, body)
+    assert second.status == 429  # concurrency never freed within bulk's max_wait_s of 2 s
+    assert second.json()["error"]["code"] == "max_concurrent"
+    assert 1.9 < loop.time() - t0 < 2.6
+    fake.release.set()
+    await first
+
+
+async def test_disconnect_while_waiting_on_quota_leaves_nothing(app, fake):
+    fake.mode = "hang"
+    body = json.dumps({"prompt": "a", "max_tokens": 1}).encode()
+    first = asyncio.create_task(call(app, "POST", "/v1/completions", BACKFILL, body))
+    await _until(lambda: fake.active == 1)
+    client = Client(body)
+    waiting = asyncio.create_task(call(app, "POST", "/v1/completions", BACKFILL, client=client))
+    await _until(lambda: app.quota_gates["backfill"].waiting == 1)
+    client.disconnect()
+    await waiting
+    assert app.quota_gates["backfill"].waiting == 0
+    assert app.quota_gates["backfill"].quota.in_flight == 1  # only the first
+    fake.release.set()
+    await first
+    assert app.quota_gates["backfill"].quota.in_flight == 0

@@ -1,0 +1,112 @@
+"""The asyncio side of tenant quotas: `on_limit: wait` without polling.
+
+One FIFO of waiting requests and one timer per tenant. The timer is armed for the moment
+the head's buckets can pay (or the earliest deadline); a settle — a refund or a finished
+request freeing a concurrency slot — wakes the queue too. A new request never overtakes
+the tenant's waiting ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+
+from vllm_guard.quota import CONCURRENCY, Denied, Reservation, TenantQuota
+
+
+class _Waiter:
+    __slots__ = ("deadline", "future", "tokens")
+
+    def __init__(
+        self, tokens: int, deadline: float, future: asyncio.Future[Reservation | Denied]
+    ) -> None:
+        self.tokens = tokens
+        self.deadline = deadline
+        self.future = future
+
+
+class QuotaGate:
+    def __init__(self, quota: TenantQuota) -> None:
+        self.quota = quota
+        self._waiters: deque[_Waiter] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for w in self._waiters if not w.future.done())
+
+    async def reserve(self, tokens: int, max_wait_s: float) -> Reservation | Denied:
+        """A reservation, waiting up to `max_wait_s` for the buckets to allow it; or the
+        refusal that still stands at the end (at once when waiting cannot help)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if not self._waiters:
+            result = self.quota.try_reserve(tokens, now)
+            if isinstance(result, Reservation) or not _worth_waiting(result, max_wait_s):
+                return result
+        else:
+            denied = self.quota.check(tokens, now)
+            if denied is not None and denied.retry_after_s == math.inf:
+                return denied  # waiting cannot help
+        waiter = _Waiter(tokens, now + max_wait_s, loop.create_future())
+        self._waiters.append(waiter)
+        self._wake()
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            # Granted in the same loop turn as the cancel: give it back.
+            future = waiter.future
+            if future.done() and not future.cancelled():
+                granted = future.result()
+                if isinstance(granted, Reservation):
+                    self.quota.settle(granted, 0, loop.time(), sent=False)
+                    self._wake()
+            raise
+
+    def settled(self) -> None:
+        """Call after settling one of this tenant's requests: a refund may let waiters in."""
+        if self._waiters:
+            self._wake()
+
+    def _wake(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        now = loop.time()
+        next_at = math.inf
+        blocked: Denied | None = None
+        waiters = self._waiters
+        while waiters:
+            head = waiters[0]
+            if head.future.done():  # cancelled by its client
+                waiters.popleft()
+                continue
+            result = self.quota.try_reserve(head.tokens, now)
+            if isinstance(result, Reservation):
+                waiters.popleft()
+                head.future.set_result(result)
+                continue
+            blocked = result
+            if result.dimension != CONCURRENCY:
+                next_at = now + result.retry_after_s
+            break
+        for w in waiters:  # FIFO by arrival; deadlines differ only across classes
+            if w.future.done():
+                continue
+            if w.deadline <= now:
+                # Still refused at its deadline: on its own dimensions, or behind the head.
+                denied = self.quota.check(w.tokens, now) or blocked
+                assert denied is not None
+                w.future.set_result(denied)
+            else:
+                next_at = min(next_at, w.deadline)
+        if next_at < math.inf:
+            self._timer = loop.call_at(next_at, self._wake)
+
+
+def _worth_waiting(denied: Denied, max_wait_s: float) -> bool:
+    if denied.dimension == CONCURRENCY:
+        return max_wait_s > 0
+    return denied.retry_after_s <= max_wait_s
