@@ -238,7 +238,7 @@ class GuardApp:
         try:
             if quota is not None:
                 max_wait_s = priority_class.max_wait_s if priority_class.wait_on_limit else 0.0
-                charged = await quota.reserve(est.total, max_wait_s)
+                charged = await quota.reserve(est.total, max_wait_s, priority_class.max_queue)
                 if isinstance(charged, Denied):
                     return await self._rate_limited(send, tenant.name, quota.quota, charged, est)
                 reservation = charged

@@ -36,9 +36,12 @@ class QuotaGate:
     def waiting(self) -> int:
         return sum(1 for w in self._waiters if not w.future.done())
 
-    async def reserve(self, tokens: int, max_wait_s: float) -> Reservation | Denied:
+    async def reserve(
+        self, tokens: int, max_wait_s: float, max_waiting: int = 1000
+    ) -> Reservation | Denied:
         """A reservation, waiting up to `max_wait_s` for the buckets to allow it; or the
-        refusal that still stands at the end (at once when waiting cannot help)."""
+        refusal that still stands at the end (at once when waiting cannot help or
+        `max_waiting` requests of the tenant already wait)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         if not self._waiters:
@@ -49,6 +52,8 @@ class QuotaGate:
             denied = self.quota.check(tokens, now)
             if denied is not None and denied.retry_after_s == math.inf:
                 return denied  # waiting cannot help
+            if len(self._waiters) >= max_waiting and self.waiting >= max_waiting:
+                return denied or self._head_denial(now)
         waiter = _Waiter(tokens, now + max_wait_s, loop.create_future())
         self._waiters.append(waiter)
         self._wake()
@@ -63,6 +68,15 @@ class QuotaGate:
                     self.quota.settle(granted, 0, loop.time(), sent=False)
                     self._wake()
             raise
+
+    def _head_denial(self, now: float) -> Denied:
+        """Why the queue is stuck: the first live waiter's refusal."""
+        for w in self._waiters:
+            if not w.future.done():
+                denied = self.quota.check(w.tokens, now)
+                if denied is not None:
+                    return denied
+        return Denied(CONCURRENCY, self.quota.limits.max_concurrent or 0, 0.0)
 
     def settled(self) -> None:
         """Call after settling one of this tenant's requests: a refund may let waiters in."""

