@@ -5,9 +5,17 @@ in flight is below its `slot_limit` (S minus the slots reserved by more urgent c
 So an interactive request finds a slot free the moment it arrives, however much batch
 work is waiting: batch never waits *inside* vLLM, where it would take reserved slots.
 
-Waiting requests queue here, one FIFO per class, served in strict priority: a class is
+Waiting requests queue here, one queue per class, served in strict priority: a class is
 served only when every more urgent queue is empty. Because the slot limits shrink with
 urgency, a blocked urgent head means the engine is full for everyone below it too.
+
+Within a class, tenants share by weighted fair queueing on tokens (start-time fair
+queueing): a ticket of tenant t with cost c gets the start tag S = max(V, F_t) and the
+finish tag F_t = S + c / weight_t, where V is the start tag of the ticket admitted last;
+waiters are admitted in finish-tag order. One tenant's tickets keep their arrival order,
+and a tenant arriving behind another's 10,000 queued requests gets a tag just past V,
+so it waits for about one request, not 10,000. A class set to `queueing: fifo` gives every
+ticket the same tenant key, which makes the order plain FIFO.
 
 The asyncio side (`gate.py`) turns the returned tickets into woken futures and arms one
 timer per queue at `next_deadline()`.
@@ -16,6 +24,8 @@ timer per queue at `next_deadline()`.
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -31,16 +41,34 @@ class TicketState(enum.Enum):
 
 
 class Ticket:
-    """A request waiting for (or holding) a slot. `waker` belongs to the caller."""
+    """A request waiting for (or holding) a slot. `waker` belongs to the caller.
 
-    __slots__ = ("deadline", "enqueued_at", "priority_class", "state", "waker")
+    `tenant`, `cost` (prompt tokens + 2 x completion tokens, estimated) and `weight` order
+    the waiters of one class by weighted fair queueing."""
 
-    def __init__(self, priority_class: PriorityClass, now: float, waker: Any = None) -> None:
+    __slots__ = (
+        "cost", "deadline", "enqueued_at", "finish", "priority_class", "start", "state",
+        "tenant", "waker", "weight",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        priority_class: PriorityClass,
+        now: float,
+        waker: Any = None,
+        tenant: str = "",
+        cost: float = 1.0,
+        weight: float = 1.0,
+    ) -> None:
         self.priority_class = priority_class
         self.enqueued_at = now
         self.deadline = now + priority_class.max_wait_s
         self.state = TicketState.WAITING
         self.waker = waker
+        self.tenant = tenant
+        self.cost = cost
+        self.weight = weight
+        self.start = self.finish = 0.0
 
 
 class Decision(enum.Enum):
@@ -60,23 +88,58 @@ class ClassStats(NamedTuple):
 
 
 class _ClassState:
-    __slots__ = ("cancelled", "in_flight", "queue", "spec")
+    """One class's waiters: a heap in fair-queueing order (admission) and a deque in
+    arrival order (expiry: deadlines are arrival + the class's max_wait_s). Tickets that
+    left (admitted, cancelled, expired) are dropped from either lazily."""
+
+    __slots__ = ("arrivals", "finish", "heap", "in_flight", "seq", "spec", "vtime", "waiting")
 
     def __init__(self, spec: PriorityClass) -> None:
         self.spec = spec
         self.in_flight = 0
-        self.queue: deque[Ticket] = deque()
-        self.cancelled = 0  # cancelled tickets still in `queue` (removed lazily)
+        self.waiting = 0
+        self.heap: list[tuple[float, int, Ticket]] = []
+        self.arrivals: deque[Ticket] = deque()
+        self.vtime = 0.0
+        self.finish: dict[str, float] = {}
+        self.seq = itertools.count()
 
     @property
     def queued(self) -> int:
-        return len(self.queue) - self.cancelled
+        return self.waiting
 
-    def drop_cancelled_head(self) -> None:
-        q = self.queue
-        while q and q[0].state is TicketState.CANCELLED:
+    def push(self, ticket: Ticket) -> None:
+        tenant = ticket.tenant if self.spec.fair_queueing else ""
+        ticket.start = max(self.vtime, self.finish.get(tenant, 0.0))
+        ticket.finish = ticket.start + ticket.cost / ticket.weight
+        self.finish[tenant] = ticket.finish
+        heapq.heappush(self.heap, (ticket.finish, next(self.seq), ticket))
+        self.arrivals.append(ticket)
+        self.waiting += 1
+
+    def pop_next(self) -> Ticket | None:
+        """The waiting ticket with the smallest finish tag, removed; None if none waits."""
+        heap = self.heap
+        while heap:
+            ticket = heapq.heappop(heap)[2]
+            if ticket.state is TicketState.WAITING:
+                self.waiting -= 1
+                self.vtime = ticket.start
+                return ticket
+        return None
+
+    def left(self) -> None:
+        """A waiting ticket was cancelled or expired: keep the lazy structures bounded."""
+        self.waiting -= 1
+        if len(self.heap) > 2 * self.waiting + 64:
+            self.heap = [e for e in self.heap if e[2].state is TicketState.WAITING]
+            heapq.heapify(self.heap)
+        self.drop_gone_arrivals()
+
+    def drop_gone_arrivals(self) -> None:
+        q = self.arrivals
+        while q and q[0].state is not TicketState.WAITING:
             q.popleft()
-            self.cancelled -= 1
 
 
 class Admission:
@@ -93,18 +156,25 @@ class Admission:
 
     # -- the request path ------------------------------------------------------------
 
-    def enter(self, priority_class: PriorityClass, now: float) -> tuple[Decision, Ticket]:
+    def enter(
+        self,
+        priority_class: PriorityClass,
+        now: float,
+        tenant: str = "",
+        cost: float = 1.0,
+        weight: float = 1.0,
+    ) -> tuple[Decision, Ticket]:
         """Admit at once, queue, or refuse. A QUEUED ticket is later returned by
         `release` (admitted) or `expire` (timed out), unless the caller `cancel`s it."""
         state = self._by_rank[priority_class.rank]
-        ticket = Ticket(priority_class, now)
+        ticket = Ticket(priority_class, now, None, tenant, cost, weight)
         if self._nobody_waiting_up_to(state.spec.rank) and self._fits(state):
             self._take(state, ticket)
             return Decision.ADMITTED, ticket
         if state.queued >= state.spec.max_queue:
             ticket.state = TicketState.EXPIRED
             return Decision.QUEUE_FULL, ticket
-        state.queue.append(ticket)
+        state.push(ticket)
         return Decision.QUEUED, ticket
 
     def release(self, ticket: Ticket, now: float) -> list[Ticket]:
@@ -129,23 +199,21 @@ class Admission:
             return
         state = self._by_rank[ticket.priority_class.rank]
         ticket.state = TicketState.CANCELLED
-        state.cancelled += 1
-        state.drop_cancelled_head()
+        state.left()
 
     def expire(self, now: float) -> list[Ticket]:
         """Remove and return every waiting ticket whose deadline has passed."""
         expired: list[Ticket] = []
         for state in self._classes:
-            q = state.queue
-            # max_wait_s is per class, so deadlines are in FIFO order within a queue.
+            q = state.arrivals
+            # max_wait_s is per class, so deadlines are in arrival order within a class.
             while q and q[0].deadline <= now:
                 ticket = q.popleft()
-                if ticket.state is TicketState.CANCELLED:
-                    state.cancelled -= 1
+                if ticket.state is not TicketState.WAITING:
                     continue
                 ticket.state = TicketState.EXPIRED
                 expired.append(ticket)
-            state.drop_cancelled_head()
+                state.left()
         # No dispatch needed: a waiter of a less urgent class fits only where the expired
         # (more urgent) ones would have fitted, and then they would have been admitted.
         return expired
@@ -153,8 +221,8 @@ class Admission:
     def next_deadline(self, priority_class: PriorityClass) -> float | None:
         """When the head of this class's queue times out; None if the queue is empty."""
         state = self._by_rank[priority_class.rank]
-        state.drop_cancelled_head()
-        return state.queue[0].deadline if state.queue else None
+        state.drop_gone_arrivals()
+        return state.arrivals[0].deadline if state.arrivals else None
 
     # -- inspection ------------------------------------------------------------------
 
@@ -187,16 +255,13 @@ class Admission:
         """Admit waiters, most urgent class first, while they fit; returns them."""
         admitted: list[Ticket] = []
         for state in self._classes:
-            q = state.queue
-            while q and self._fits(state):
-                ticket = q.popleft()
-                if ticket.state is TicketState.CANCELLED:
-                    state.cancelled -= 1
-                    continue
+            while state.waiting and self._fits(state):
+                ticket = state.pop_next()
+                assert ticket is not None
                 self._take(state, ticket)
                 admitted.append(ticket)
-            state.drop_cancelled_head()
-            if q:
+            state.drop_gone_arrivals()
+            if state.waiting:
                 # Strict priority: this class is blocked (the engine is full for it and so
                 # for every less urgent class), so nobody below may overtake it.
                 break

@@ -30,9 +30,16 @@ from vllm_guard import errors
 from vllm_guard.admission import Admission
 from vllm_guard.auth import Authenticator
 from vllm_guard.classify import CLASS_HEADER, clamp_priority, resolve_class
-from vllm_guard.config import CompiledConfig, PriorityClass
+from vllm_guard.config import CompiledConfig, PriorityClass, Tenant
 from vllm_guard.engine import EngineState
-from vllm_guard.estimate import Estimate, UsageTap, estimate, usage_total
+from vllm_guard.estimate import (
+    Estimate,
+    UsageTap,
+    completion_budget,
+    estimate,
+    heuristic_prompt_tokens,
+    usage_total,
+)
 from vllm_guard.gate import Gate, RefusalReason, Refused, retry_after_header
 from vllm_guard.metrics import GuardMetrics, render
 from vllm_guard.quota import Denied, TenantQuota, go_duration
@@ -243,9 +250,11 @@ class GuardApp:
                     return await self._rate_limited(send, tenant.name, quota.quota, charged, est)
                 reservation = charged
                 guard_headers += _ratelimit_headers(quota.quota, asyncio.get_running_loop().time())
+            cost = _fair_cost(path, payload, est, priority_class)
             await self._admit_and_forward(
-                send, path, body, forwarded, priority_class, stream, guard_headers, usage
-            )
+                send, path, body, forwarded, tenant, cost, priority_class, stream, guard_headers,
+                usage,
+            )  # fmt: skip
         except asyncio.CancelledError:
             if not conn.gone:
                 raise
@@ -319,6 +328,8 @@ class GuardApp:
         path: str,
         body: bytes,
         forwarded: list[tuple[bytes, bytes]],
+        tenant: Tenant,
+        cost: float,
         priority_class: PriorityClass,
         stream: bool,
         guard_headers: list[tuple[bytes, bytes]],
@@ -327,7 +338,7 @@ class GuardApp:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            ticket = await self.gate.acquire(priority_class)
+            ticket = await self.gate.acquire(priority_class, tenant.name, cost, tenant.weight)
         except Refused as refused:
             return await self._refuse(send, refused)
         try:
@@ -475,6 +486,18 @@ async def _read_body(receive: Any, limit: int) -> bytes | object | None:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _fair_cost(
+    path: str, payload: dict[str, Any], est: Estimate, priority_class: PriorityClass
+) -> float:
+    """Fair-queueing cost: prompt tokens x1 + completion tokens x2 (decode steps cost more
+    than prefill). Tenants without token limits were not tokenized: the heuristic stands in
+    (fairness needs proportions, not exact counts)."""
+    if est.total:
+        return est.prompt_tokens + 2 * est.completion_tokens
+    completion = completion_budget(payload, priority_class.default_max_tokens)
+    return heuristic_prompt_tokens(path, payload) + 2 * completion
 
 
 def _asked_for_usage(payload: dict[str, Any]) -> bool:

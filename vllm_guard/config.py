@@ -99,6 +99,9 @@ class PriorityClassConfig(BaseModel):
     """Longest a request of this class waits for a slot before it gets 503."""
     default_limits: LimitsConfig | None = None
     """Limits for the class's tenants that set no `limits` of their own."""
+    queueing: Literal["fair", "fifo"] = "fair"
+    """Order of the class's waiters: `fair` shares between tenants by weighted fair
+    queueing on tokens (prompt x1 + completion x2, tenant `weight`); `fifo` by arrival."""
     on_limit: Literal["reject", "wait"] | None = None
     """Over a tenant limit: `reject` answers 429 at once; `wait` holds the request until
     the tenant's buckets can pay, up to `max_wait_s` (then 429). Default: reject for the
@@ -119,6 +122,8 @@ class TenantConfig(BaseModel):
     """Keys as lowercase SHA-256 hex digests of the key (`printf %s KEY | sha256sum`)."""
     limits: LimitsConfig | None = None
     """The tenant's quota; unset takes its class's `default_limits` (or none)."""
+    weight: Annotated[float, Field(gt=0, strict=False)] = 1.0
+    """Share of its class's engine slots when tenants queue (weighted fair queueing)."""
 
 
 class GuardConfig(BaseModel):
@@ -185,6 +190,7 @@ class PriorityClass:
     header_value: bytes
     default_max_tokens: int = 1024
     wait_on_limit: bool = False
+    fair_queueing: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +199,7 @@ class Tenant:
     priority_class: PriorityClass
     limits: Limits | None = None
     """None: no quota at all (nothing is counted for the tenant)."""
+    weight: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +233,7 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
                 header_value=name.encode(),
                 default_max_tokens=c.default_max_tokens,
                 wait_on_limit=(c.on_limit or ("reject" if rank == 0 else "wait")) == "wait",
+                fair_queueing=c.queueing == "fair",
             )
         )
         reserved_above += c.reserved_seqs
@@ -235,7 +243,7 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
     digests: dict[bytes, Tenant] = {}
     for tname, t in cfg.tenants.items():
         limits = t.limits or cfg.classes[t.priority_class].default_limits
-        tenant = Tenant(tname, by_name[t.priority_class], _compile_limits(limits))
+        tenant = Tenant(tname, by_name[t.priority_class], _compile_limits(limits), t.weight)
         tenants[tname] = tenant
         for i, ref in enumerate(t.api_keys):
             key = _resolve_secret(ref, env, source, ("tenants", tname, "api_keys", str(i)))

@@ -47,11 +47,15 @@ class Stack:
     """`vllm-guard serve --model tiny` as a child process, with keys made up for the run."""
 
     def __init__(
-        self, port: int = 0, log_dir: Path | None = None, config_path: Path | None = None
+        self,
+        port: int = 0,
+        log_dir: Path | None = None,
+        config_path: Path | None = None,
+        key_vars: tuple[str, ...] = ("CHAT_UI_KEY", "ETL_KEY"),
     ) -> None:
         self.port = port or free_port()
         self.vllm_port = free_port()
-        self.keys = {"CHAT_UI_KEY": secrets.token_urlsafe(24), "ETL_KEY": secrets.token_urlsafe(24)}
+        self.keys = {var: secrets.token_urlsafe(24) for var in key_vars}
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="vllm-guard-demo-"))
         self.vllm_log = self.log_dir / "vllm.log"
         self.guard_log = self.log_dir / "guard.log"

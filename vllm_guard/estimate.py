@@ -55,14 +55,18 @@ def heuristic_prompt_tokens(path: str, payload: dict[str, Any]) -> int:
         messages = payload.get("messages")
         n_messages = len(messages) if isinstance(messages, list) else 1
         text = json.dumps(messages, ensure_ascii=False)
-        return math.ceil(len(text.encode()) / HEURISTIC_BYTES_PER_TOKEN) + (
+        return math.ceil(_utf8_len(text) / HEURISTIC_BYTES_PER_TOKEN) + (
             HEURISTIC_TOKENS_PER_MESSAGE * n_messages
         )
     prompt = payload.get("prompt")
     if isinstance(prompt, list) and all(type(t) is int for t in prompt):
         return len(prompt)  # already token ids
     text = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
-    return math.ceil(len(text.encode()) / HEURISTIC_BYTES_PER_TOKEN)
+    return math.ceil(_utf8_len(text) / HEURISTIC_BYTES_PER_TOKEN)
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))  # a lone surrogate is still a byte run
 
 
 def tokenize_request(path: str, payload: dict[str, Any]) -> dict[str, Any] | None:

@@ -36,9 +36,15 @@ class Gate:
         self.admission = admission
         self._timers: dict[int, asyncio.TimerHandle] = {}
 
-    async def acquire(self, priority_class: PriorityClass) -> Ticket:
+    async def acquire(
+        self,
+        priority_class: PriorityClass,
+        tenant: str = "",
+        cost: float = 1.0,
+        weight: float = 1.0,
+    ) -> Ticket:
         loop = asyncio.get_running_loop()
-        decision, ticket = self.admission.enter(priority_class, loop.time())
+        decision, ticket = self.admission.enter(priority_class, loop.time(), tenant, cost, weight)
         if decision is Decision.ADMITTED:
             return ticket
         if decision is Decision.QUEUE_FULL:

@@ -16,6 +16,8 @@ which is what keeps the promise over the windows that include the overrun.
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,15 +32,23 @@ _PERIOD_S = {REQUESTS: 60.0, TOKENS_MINUTE: 60.0, TOKENS_DAY: 86400.0}
 
 
 class TokenBucket:
-    """Capacity `capacity`, refilled continuously at `rate` per second."""
+    """Capacity `capacity`, refilled continuously at `rate` per second.
 
-    __slots__ = ("capacity", "level", "rate", "updated")
+    A refund must not let the bucket pass more than it could have had the request been
+    charged only what it used in the first place. The difference between the two
+    histories shrinks whenever the "as if" bucket would have been full, i.e. by the
+    highest level seen since the charge; so a refund is capped by the headroom below that
+    peak. `_peaks` keeps (charge number, level) observations with strictly decreasing
+    levels, which answers "highest level since charge k" with one binary search."""
+
+    __slots__ = ("_peaks", "capacity", "level", "rate", "updated")
 
     def __init__(self, capacity: float, rate: float, now: float) -> None:
         self.capacity = capacity
         self.rate = rate
         self.level = capacity
         self.updated = now
+        self._peaks: list[tuple[int, float]] = []
 
     def refill(self, now: float) -> None:
         if now > self.updated:
@@ -59,9 +69,32 @@ class TokenBucket:
         self.refill(now)
         return (self.capacity - self.level) / self.rate
 
-    def adjust(self, delta: float) -> None:
-        """Charge (delta > 0) or refund (delta < 0); a refund never overfills."""
-        self.level = min(self.capacity, self.level - delta)
+    def charge(self, cost: float, seq: int, now: float) -> None:
+        """Take `cost` as charge number `seq` (numbers increase with every charge)."""
+        self.refill(now)
+        self._observe(seq - 1)
+        self.level -= cost
+
+    def refund(self, amount: float, since_seq: int, now: float) -> None:
+        """Give back up to `amount` of what charge `since_seq` took (see the class doc)."""
+        self.refill(now)
+        peak = self.level
+        i = bisect.bisect_left(self._peaks, (since_seq, -math.inf))
+        if i < len(self._peaks):
+            peak = max(peak, self._peaks[i][1])
+        self.level += max(0.0, min(amount, self.capacity - peak))
+
+    def forget_before(self, seq: int) -> None:
+        """No open charge is older than `seq`: drop the observations nobody can ask for."""
+        i = bisect.bisect_left(self._peaks, (seq, -math.inf))
+        if i:
+            del self._peaks[:i]
+
+    def _observe(self, seq: int) -> None:
+        peaks, level = self._peaks, self.level
+        while peaks and peaks[-1][1] <= level:
+            peaks.pop()
+        peaks.append((seq, level))
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +130,14 @@ class Denied(NamedTuple):
 
 
 class Reservation:
-    """What a request was charged; settle it exactly once."""
+    """What a request was charged (as charge number `seq`); settle it exactly once."""
 
-    __slots__ = ("quota", "settled", "tokens")
+    __slots__ = ("quota", "seq", "settled", "tokens")
 
-    def __init__(self, quota: TenantQuota, tokens: int) -> None:
+    def __init__(self, quota: TenantQuota, tokens: int, seq: int) -> None:
         self.quota = quota
         self.tokens = tokens
+        self.seq = seq
         self.settled = False
 
 
@@ -129,6 +163,9 @@ class TenantQuota:
                 capacity = burst.get(dim, limit)
                 self.buckets[dim] = TokenBucket(capacity, limit / _PERIOD_S[dim], now)
         self.in_flight = 0
+        self._charges = 0  # charges made so far; numbers each one
+        self._open: list[int] = []  # heap of open charge numbers (settled ones lazily)
+        self._settled: set[int] = set()
 
     def _costs(self, tokens: int) -> list[tuple[str, TokenBucket, float]]:
         return [
@@ -158,10 +195,13 @@ class TenantQuota:
         denied = self.check(tokens, now)
         if denied is not None:
             return denied
+        self._charges += 1
+        seq = self._charges
         for _, bucket, cost in self._costs(tokens):
-            bucket.adjust(cost)
+            bucket.charge(cost, seq, now)
+        heapq.heappush(self._open, seq)
         self.in_flight += 1
-        return Reservation(self, tokens)
+        return Reservation(self, tokens, seq)
 
     def settle(
         self, reservation: Reservation, used_tokens: int, now: float, sent: bool = True
@@ -178,15 +218,27 @@ class TenantQuota:
             used_tokens = 0
             bucket = self.buckets.get(REQUESTS)
             if bucket is not None:
-                bucket.refill(now)
-                bucket.adjust(-1.0)
+                bucket.refund(1.0, reservation.seq, now)
         delta = used_tokens - reservation.tokens
-        if delta:
-            for dim in (TOKENS_MINUTE, TOKENS_DAY):
-                bucket = self.buckets.get(dim)
-                if bucket is not None:
-                    bucket.refill(now)
-                    bucket.adjust(delta)
+        for dim in (TOKENS_MINUTE, TOKENS_DAY):
+            bucket = self.buckets.get(dim)
+            if bucket is None or not delta:
+                continue
+            if delta < 0:
+                bucket.refund(-delta, reservation.seq, now)
+            else:  # used more than estimated: charged now, possibly into debt
+                self._charges += 1
+                bucket.charge(delta, self._charges, now)
+        self._close(reservation.seq)
+
+    def _close(self, seq: int) -> None:
+        self._settled.add(seq)
+        heap = self._open
+        while heap and heap[0] in self._settled:
+            self._settled.discard(heapq.heappop(heap))
+        oldest = heap[0] if heap else self._charges + 1
+        for bucket in self.buckets.values():
+            bucket.forget_before(oldest)
 
     def snapshot(self, now: float) -> Snapshot:
         req = self.buckets.get(REQUESTS)

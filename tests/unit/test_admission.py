@@ -129,7 +129,8 @@ def test_invariants_under_any_interleaving(seq):
     for op, dt in seq:
         now += dt
         if op in ("enter_i", "enter_b"):
-            d, t = adm.enter(inter if op == "enter_i" else batch, now)
+            tenant = "ab"[int(now * 10) % 2]  # two tenants share each class fairly
+            d, t = adm.enter(inter if op == "enter_i" else batch, now, tenant, 1 + now % 7)
             all_tickets.append(t)
             (
                 admitted if d is Decision.ADMITTED else waiting if d is Decision.QUEUED else []
@@ -155,3 +156,80 @@ def test_invariants_under_any_interleaving(seq):
     assert adm.in_flight == 0
     assert all(s.in_flight == 0 and s.queued == 0 for s in adm.statistics())
     assert all(t.state is not TicketState.WAITING for t in all_tickets)
+
+
+# -- weighted fair queueing within a class --------------------------------------------
+
+
+def _fill(adm, batch, n=3):
+    return [adm.enter(batch, 0.0, "holder")[1] for _ in range(n)]
+
+
+def _deep_queue(queueing="fair"):
+    """The test config with room for 500 batch waiters."""
+    text = BASE_CONFIG.replace(
+        "batch: {vllm_priority: 10, max_queue: 5", "batch: {vllm_priority: 10, max_queue: 500"
+    )
+    return _setup(
+        parse_config(text.replace("batch: {", f"batch: {{queueing: {queueing}, "), "t.yaml", KEYS)
+    )
+
+
+def test_a_tenant_behind_a_flood_waits_about_one_request():
+    adm, _, batch = _deep_queue()
+    held = _fill(adm, batch)
+    flood = [adm.enter(batch, 0.0, "flood", cost=300)[1] for _ in range(100)]
+    _, trickle = adm.enter(batch, 1.0, "trickle", cost=300)
+    admitted = []
+    for ticket in held:
+        admitted += adm.release(ticket, 2.0)
+    assert trickle in admitted  # among the first 3 admitted, not after 100
+    assert admitted.index(trickle) <= 1
+    assert [t for t in admitted if t is not trickle] == flood[: len(admitted) - 1]  # FIFO
+
+
+def test_weights_share_slots_in_proportion_to_cost():
+    adm, _, batch = _deep_queue()
+    held = _fill(adm, batch)
+    for _ in range(60):
+        adm.enter(batch, 0.0, "heavy", cost=100, weight=2.0)
+        adm.enter(batch, 0.0, "light", cost=100, weight=1.0)
+    order = []
+    for _ in range(45):
+        nxt = adm.release(held.pop(0), 1.0)
+        held += nxt
+        order += [t.tenant for t in nxt]
+    assert abs(order.count("heavy") - 2 * order.count("light")) <= 2
+
+
+def test_cheap_requests_get_more_turns_than_expensive_ones():
+    adm, _, batch = _deep_queue()
+    held = _fill(adm, batch)
+    for _ in range(40):
+        adm.enter(batch, 0.0, "long", cost=1000)
+    for _ in range(40):
+        adm.enter(batch, 0.0, "short", cost=100)
+    order = []
+    for _ in range(22):
+        nxt = adm.release(held.pop(0), 1.0)
+        held += nxt
+        order += [t.tenant for t in nxt]
+    assert order.count("short") >= 8 * order.count("long")
+
+
+def test_fifo_class_ignores_tenants():
+    config = parse_config(
+        BASE_CONFIG.replace(
+            "batch: {vllm_priority: 10,", "batch: {vllm_priority: 10, queueing: fifo,"
+        ),
+        "t.yaml",
+        KEYS,
+    )
+    adm, _, batch = _setup(config)
+    held = _fill(adm, batch)
+    flood = [adm.enter(batch, 0.0, "flood", cost=300)[1] for _ in range(4)]
+    _, late = adm.enter(batch, 1.0, "trickle", cost=1)
+    admitted = []
+    for ticket in held:
+        admitted += adm.release(ticket, 2.0)
+    assert admitted == flood[:3] and late.state is TicketState.WAITING

@@ -9,11 +9,9 @@ import pytest_asyncio
 
 from tests.conftest import BASE_CONFIG, KEYS
 from tests.unit.asgi import Client, call
-from tests.unit.fake_upstream import FakeVllm
+from tests.unit.conftest import ready_app, until
 from vllm_guard.app import GuardApp
 from vllm_guard.config import parse_config
-from vllm_guard.engine import EngineState
-from vllm_guard.upstream import Upstream
 
 CHAT = {"Authorization": "Bearer chat-secret"}
 ETL = {"Authorization": "Bearer etl-secret"}
@@ -21,20 +19,8 @@ BODY = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
 
 
 @pytest_asyncio.fixture
-async def fake():
-    fake = FakeVllm()
-    await fake.start()
-    yield fake
-    fake.release.set()
-    await fake.stop()
-
-
-@pytest_asyncio.fixture
 async def app(fake):
-    config = parse_config(BASE_CONFIG, "test.yaml", KEYS)
-    engine = EngineState()
-    engine.set("ready")
-    app = GuardApp(config, Upstream(fake.url, config.guard), engine)
+    app = ready_app(parse_config(BASE_CONFIG, "test.yaml", KEYS), fake)
     yield app
     await app.upstream.close()
 
@@ -45,14 +31,6 @@ def in_flight(app: GuardApp) -> int:
 
 def queued(app: GuardApp) -> int:
     return sum(s.queued for s in app.admission.statistics())
-
-
-async def until(cond, timeout=5.0):
-    for _ in range(int(timeout / 0.01)):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 async def test_priority_is_set_from_class_and_clamped(app, fake):

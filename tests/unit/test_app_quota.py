@@ -10,13 +10,11 @@ import pytest_asyncio
 
 from tests.conftest import KEYS
 from tests.unit.asgi import Client, call
-from tests.unit.fake_upstream import FakeVllm
+from tests.unit.conftest import ready_app, until
 from vllm_guard.app import GuardApp
 from vllm_guard.config import parse_config
-from vllm_guard.engine import EngineState
 from vllm_guard.estimate import UsageTap
 from vllm_guard.quota import REQUESTS, TOKENS_DAY
-from vllm_guard.upstream import Upstream
 
 CONFIG = """
 engine: {max_num_seqs: 4}
@@ -44,20 +42,10 @@ ETL = {"Authorization": "Bearer etl-secret"}
 
 
 @pytest_asyncio.fixture
-async def fake():
-    fake = FakeVllm()
-    await fake.start()
-    yield fake
-    fake.release.set()
-    await fake.stop()
-
-
-@pytest_asyncio.fixture
 async def app(fake):
-    config = parse_config(CONFIG, "test.yaml", {**KEYS, "BACKFILL_KEY": "backfill-secret"})
-    engine = EngineState()
-    engine.set("ready")
-    app = GuardApp(config, Upstream(fake.url, config.guard), engine)
+    app = ready_app(
+        parse_config(CONFIG, "test.yaml", {**KEYS, "BACKFILL_KEY": "backfill-secret"}), fake
+    )
     yield app
     await app.upstream.close()
 
@@ -139,7 +127,7 @@ async def test_concurrency_limit_and_release_on_disconnect(app, fake):
     tasks = [
         asyncio.create_task(call(app, "POST", "/v1/completions", ETL, client=c)) for c in clients
     ]
-    await _until(lambda: fake.active == 2)
+    await until(lambda: fake.active == 2)
     third = await call(app, "POST", "/v1/completions", ETL, {"prompt": "ab", "max_tokens": 5})
     assert third.status == 429
     assert third.json()["error"]["code"] == "max_concurrent"
@@ -185,14 +173,6 @@ def test_usage_tap_handles_events_split_anywhere():
         assert tap.events == 2
 
 
-async def _until(cond, timeout=5.0):
-    for _ in range(int(timeout / 0.01)):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
-
-
 async def test_stream_cut_by_the_client_pays_prompt_plus_tokens_streamed(app, fake):
     fake.mode = "slow"
     client = Client(json.dumps({"prompt": "abcd", "max_tokens": 100, "stream": True}).encode())
@@ -224,10 +204,10 @@ async def test_wait_class_is_woken_by_a_settle_for_concurrency(app, fake):
     fake.mode = "hang"
     body = {"prompt": "a", "max_tokens": 1}
     first = asyncio.create_task(call(app, "POST", "/v1/completions", BACKFILL, body))
-    await _until(lambda: fake.active == 1)
+    await until(lambda: fake.active == 1)
     await asyncio.sleep(1.0)  # the requests bucket has refilled; only concurrency blocks
     second = asyncio.create_task(call(app, "POST", "/v1/completions", BACKFILL, body))
-    await _until(lambda: app.quota_gates["backfill"].waiting == 1)
+    await until(lambda: app.quota_gates["backfill"].waiting == 1)
     fake.mode = "ok"
     fake.release.set()  # the first ends, settles, and wakes the second
     assert (await first).status == 200
@@ -239,7 +219,7 @@ async def test_wait_gives_429_at_max_wait_and_refuses_at_once_when_waiting_canno
     fake.mode = "hang"
     body = {"prompt": "a", "max_tokens": 1}
     first = asyncio.create_task(call(app, "POST", "/v1/completions", BACKFILL, body))
-    await _until(lambda: fake.active == 1)
+    await until(lambda: fake.active == 1)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     second = await call(app, "POST", "/v1/completions", BACKFILL, body)
@@ -254,10 +234,10 @@ async def test_disconnect_while_waiting_on_quota_leaves_nothing(app, fake):
     fake.mode = "hang"
     body = json.dumps({"prompt": "a", "max_tokens": 1}).encode()
     first = asyncio.create_task(call(app, "POST", "/v1/completions", BACKFILL, body))
-    await _until(lambda: fake.active == 1)
+    await until(lambda: fake.active == 1)
     client = Client(body)
     waiting = asyncio.create_task(call(app, "POST", "/v1/completions", BACKFILL, client=client))
-    await _until(lambda: app.quota_gates["backfill"].waiting == 1)
+    await until(lambda: app.quota_gates["backfill"].waiting == 1)
     client.disconnect()
     await waiting
     assert app.quota_gates["backfill"].waiting == 0

@@ -169,7 +169,7 @@ def test_snapshot_for_headers():
 
 def test_bucket_wait_is_exact_refill_time():
     b = TokenBucket(capacity=100, rate=2, now=0.0)
-    b.adjust(100)
+    b.charge(100, 1, 0.0)
     assert b.wait_s(10, 1.0) == pytest.approx(4.0)
     assert b.wait_s(101, 1.0) == math.inf
 

@@ -1,0 +1,36 @@
+"""Shared by the unit tests that drive the ASGI app against the fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest_asyncio
+
+from tests.unit.fake_upstream import FakeVllm
+from vllm_guard.app import GuardApp
+from vllm_guard.config import CompiledConfig
+from vllm_guard.engine import EngineState
+from vllm_guard.upstream import Upstream
+
+
+@pytest_asyncio.fixture
+async def fake():
+    fake = FakeVllm()
+    await fake.start()
+    yield fake
+    fake.release.set()
+    await fake.stop()
+
+
+def ready_app(config: CompiledConfig, fake: FakeVllm) -> GuardApp:
+    engine = EngineState()
+    engine.set("ready")
+    return GuardApp(config, Upstream(fake.url, config.guard), engine)
+
+
+async def until(cond, timeout=5.0):
+    for _ in range(int(timeout / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
