@@ -24,6 +24,8 @@ KEYS = {
     "ETL_KEY": "it-etl-key-93ac",
     "METERED_KEY": "it-metered-key-77d0",
     "METERED_TOKENS_KEY": "it-metered-tokens-key-1e4a",
+    "BULK_FLOOD_KEY": "it-bulk-flood-key-c3b2",
+    "BULK_TRICKLE_KEY": "it-bulk-trickle-key-90fe",
 }
 STARTUP_TIMEOUT_S = 600
 
