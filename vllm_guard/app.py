@@ -75,10 +75,12 @@ class _Usage:
     estimate, so leaving early never buys free compute; an error status from vLLM pays no
     tokens (it refused before generating) but still counts as a request."""
 
-    __slots__ = ("events", "sent", "status", "total", "wants_usage")
+    __slots__ = ("arrived", "events", "first_at", "sent", "status", "total", "wants_usage")
 
-    def __init__(self, wants_usage: bool) -> None:
+    def __init__(self, wants_usage: bool, arrived: float) -> None:
         self.wants_usage = wants_usage  # the client asked for the stream's usage chunk
+        self.arrived = arrived  # loop time the guard had the whole request
+        self.first_at: float | None = None  # loop time the first streamed bytes went out
         self.sent = False  # handed to vLLM (it may have worked on it)
         self.status = 0
         self.total: int | None = None  # usage.total_tokens, when vLLM reported it
@@ -220,7 +222,7 @@ class GuardApp:
             return await priority.send(send)
         payload["priority"] = priority
         stream = payload.get("stream") is True
-        usage = _Usage(_asked_for_usage(payload))
+        usage = _Usage(_asked_for_usage(payload), asyncio.get_running_loop().time())
 
         quota = self.quota_gates.get(tenant.name)
         est = Estimate(0, 0, True)
@@ -263,14 +265,14 @@ class GuardApp:
         finally:
             conn.finished = True
             watcher.cancel()
+            now = asyncio.get_running_loop().time()
+            if usage.status:
+                self.metrics.served(priority_class.name, usage.arrived, usage.first_at, now)
             if reservation is not None and quota is not None:
-                quota.quota.settle(
-                    reservation,
-                    usage.used_tokens(est, stream),
-                    asyncio.get_running_loop().time(),
-                    sent=usage.sent,
-                )
+                used = usage.used_tokens(est, stream)
+                quota.quota.settle(reservation, used, now, sent=usage.sent)
                 quota.settled()
+                self.metrics.tokens(tenant.name, est.total, used if usage.sent else 0)
         return None
 
     async def _estimate(
@@ -424,6 +426,8 @@ class GuardApp:
                 async for chunk in resp.content.iter_any():
                     out = tap.feed(chunk)
                     if out:
+                        if usage.first_at is None:
+                            usage.first_at = asyncio.get_running_loop().time()
                         await send({"type": "http.response.body", "body": out, "more_body": True})
                 rest = tap.flush()
                 if rest:

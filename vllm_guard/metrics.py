@@ -91,6 +91,28 @@ class GuardMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        duration = Histogram(
+            "vllm_guard_request_duration_seconds",
+            "End-to-end latency of requests vLLM answered, from the guard having the request "
+            "to the end of the response, queue waits included.",
+            ["class"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        ttft = Histogram(
+            "vllm_guard_time_to_first_token_seconds",
+            "Streaming requests: from the guard having the request to the first streamed "
+            "bytes sent to the client, queue waits included.",
+            ["class"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._tokens = Counter(
+            "vllm_guard_tenant_tokens",
+            "Tokens of limited tenants: charged up front (estimate) and used (settled).",
+            ["tenant", "kind"],
+            registry=self.registry,
+        )
         self._rate_limited = Counter(
             "vllm_guard_rate_limited",
             "Requests refused by a tenant limit, by tenant and dimension.",
@@ -104,10 +126,21 @@ class GuardMetrics:
             for outcome in OUTCOMES
         }
         self.queue_wait = {name: queue_wait.labels(name) for name in names}
+        self._duration = {name: duration.labels(name) for name in names}
+        self._ttft = {name: ttft.labels(name) for name in names}
         self.registry.register(_StateCollector(admission, engine))
 
     def count(self, class_name: str, outcome: str) -> None:
         self.outcome[class_name, outcome].inc()
+
+    def served(self, class_name: str, arrived: float, first_at: float | None, end: float) -> None:
+        self._duration[class_name].observe(end - arrived)
+        if first_at is not None:
+            self._ttft[class_name].observe(first_at - arrived)
+
+    def tokens(self, tenant: str, charged: int, used: int) -> None:
+        self._tokens.labels(tenant, "charged").inc(charged)
+        self._tokens.labels(tenant, "used").inc(used)
 
     def rate_limited(self, tenant: str, dimension: str) -> None:
         self._rate_limited.labels(tenant, dimension).inc()

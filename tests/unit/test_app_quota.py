@@ -245,3 +245,18 @@ async def test_disconnect_while_waiting_on_quota_leaves_nothing(app, fake):
     fake.release.set()
     await first
     assert app.quota_gates["backfill"].quota.in_flight == 0
+
+
+async def test_latency_ttft_and_token_metrics(app, fake):
+    body = {"model": "tiny", "prompt": "x" * 20, "max_tokens": 100, "stream": True}
+    assert (await call(app, "POST", "/v1/completions", ETL, body)).status == 200
+    text = (await call(app, "GET", "/metrics")).body.decode()
+    assert 'vllm_guard_time_to_first_token_seconds_count{class="batch"} 1.0' in text
+    assert 'vllm_guard_request_duration_seconds_count{class="batch"} 1.0' in text
+    assert 'vllm_guard_tenant_tokens_total{kind="charged",tenant="nightly-etl"} 120.0' in text
+    assert 'vllm_guard_tenant_tokens_total{kind="used",tenant="nightly-etl"} 25.0' in text
+    # A refused request is not "served": no latency sample for it.
+    too_big = {"prompt": "a", "max_tokens": 700}
+    assert (await call(app, "POST", "/v1/completions", ETL, too_big)).status == 400
+    text = (await call(app, "GET", "/metrics")).body.decode()
+    assert 'vllm_guard_request_duration_seconds_count{class="batch"} 1.0' in text
