@@ -7,9 +7,8 @@ reserve on every dimension or 429) -> admission (queue) -> forward with the clas
 
 Every path out of `_guarded` releases what the request holds: the slot is returned and
 the quota settled in `finally`s, a queued request leaves its queue when its task is
-cancelled, and a client
-that disconnects cancels the task, which closes the upstream connection so vLLM aborts
-the request and frees its KV cache.
+cancelled, and a client that disconnects cancels the task, which closes the upstream
+connection so vLLM aborts the request and frees its KV cache.
 
 Other paths: `/health` and `/metrics` are the guard's own (no auth); `GET /v1/models`
 passes through after auth; everything else, vLLM's admin and tokenizer paths included,
