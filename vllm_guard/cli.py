@@ -121,10 +121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for c in config.classes:
             print(
                 f"class {c.name}: vllm_priority={c.vllm_priority} slot_limit={c.slot_limit} "
-                f"max_queue={c.max_queue} max_wait_s={c.max_wait_s:g}"
+                f"max_queue={c.max_queue} max_wait_s={c.max_wait_s:g} "
+                f"queueing={'fair' if c.fair_queueing else 'fifo'} "
+                f"on_limit={'wait' if c.wait_on_limit else 'reject'}"
             )
         for t in config.tenants.values():
-            print(f"tenant {t.name}: class={t.priority_class.name} limits={_limits_text(t)}")
+            print(
+                f"tenant {t.name}: class={t.priority_class.name} weight={t.weight:g} "
+                f"limits={_limits_text(t)}"
+            )
         return 0
 
     from vllm_guard import server
