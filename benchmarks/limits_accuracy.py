@@ -69,10 +69,11 @@ WORDS = ["the", "guard", "keeps", "batch", "work", "out", "of", "reserved", "slo
 
 async def _client(
     session: aiohttp.ClientSession, url: str, key: str, stop_at: float, rng: random.Random,
-    done: list[tuple[float, float, int]], errors: list[int],
+    done: list[tuple[float, float, float, int]], errors: list[int],
 ) -> None:  # fmt: skip
-    """Streams with usage, so each request has two timestamps: when its response started
-    (the guard had admitted it a few ms earlier) and when it completed."""
+    """Streams with usage, so each request has three timestamps: when the guard charged it
+    (sent + the guard's `x-vllm-guard-quota-ms`), when its response started, and when it
+    completed."""
     headers = {"Authorization": f"Bearer {key}"}
     while time.monotonic() < stop_at:
         body = {
@@ -82,6 +83,7 @@ async def _client(
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        sent = time.monotonic()
         async with session.post(url + "/v1/completions", json=body, headers=headers) as resp:
             started = time.monotonic()
             if resp.status != 200:
@@ -96,7 +98,8 @@ async def _client(
         if usage is None:
             errors.append(0)
             continue
-        done.append((started, time.monotonic(), int(usage["total_tokens"])))
+        charged = sent + float(resp.headers["x-vllm-guard-quota-ms"]) / 1000
+        done.append((charged, started, time.monotonic(), int(usage["total_tokens"])))
 
 
 async def _sample_running(vllm_url: str, stop: asyncio.Event, peaks: list[float]) -> None:
@@ -127,7 +130,7 @@ def max_window_ratio(events: list[tuple[float, float]], burst: float, rate: floa
 
 async def _accuracy(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
-    done: list[tuple[float, float, int]] = []
+    done: list[tuple[float, float, float, int]] = []
     errors: list[int] = []
     peaks: list[float] = []
     stop = asyncio.Event()
@@ -162,20 +165,23 @@ async def _accuracy(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.gather(*clients, return_exceptions=True)
     stop.set()
     await sampler
-    elapsed = max(end for _, end, _ in done) - start if done else 0.0
+    elapsed = max(end for _, _, end, _ in done) - start if done else 0.0
     rate_t, rate_r = LIMITS["tpm"] / 60, LIMITS["rpm"] / 60
-    total_tokens = sum(n for _, _, n in done)
+    total_tokens = sum(n for *_, n in done)
 
     def dimension(limit: float, burst: float, rate: float, amount: Any, consumed: float) -> dict:
         return {
             "limit_per_minute": limit,
             "burst": burst,
             "consumed": consumed,
+            "max_window_ratio_at_charge": max_window_ratio(
+                [(c, amount(n)) for c, _, _, n in done], burst, rate
+            ),
             "max_window_ratio_at_start": max_window_ratio(
-                [(s, amount(n)) for s, _, n in done], burst, rate
+                [(s, amount(n)) for _, s, _, n in done], burst, rate
             ),
             "max_window_ratio_at_completion": max_window_ratio(
-                [(e, amount(n)) for _, e, n in done], burst, rate
+                [(e, amount(n)) for _, _, e, n in done], burst, rate
             ),
             "long_run_rate_ratio": (consumed - burst) / elapsed / rate,
         }
@@ -232,16 +238,12 @@ async def _retry_after(stack: Stack, n: int) -> dict[str, Any]:
 def _markdown(result: dict[str, Any]) -> str:
     a, r = result["accuracy"], result["retry_after"]
     tok, req, conc = a["tokens"], a["requests"], a["concurrency"]
-    ok_start = tok["max_window_ratio_at_start"] <= 1 and req["max_window_ratio_at_start"] <= 1
-    ok_end = (
-        tok["max_window_ratio_at_completion"] <= 1 and req["max_window_ratio_at_completion"] <= 1
-    )
-    tok_ratios = (
-        f"**{tok['max_window_ratio_at_start']:.3f}** | {tok['max_window_ratio_at_completion']:.3f}"
-    )
-    req_ratios = (
-        f"**{req['max_window_ratio_at_start']:.3f}** | {req['max_window_ratio_at_completion']:.3f}"
-    )
+    when = ("charge", "start", "completion")
+    ok = {w: all(d[f"max_window_ratio_at_{w}"] <= 1 for d in (tok, req)) for w in when}
+
+    def ratios(d: dict[str, Any]) -> str:
+        return " | ".join(f"{d[f'max_window_ratio_at_{w}']:.3f}" for w in when)
+
     peak = conc["peak_running_in_vllm"]
     return "\n".join([
         "# Limits accuracy",
@@ -252,23 +254,23 @@ def _markdown(result: dict[str, Any]) -> str:
         "",
         "Consumed = `usage.total_tokens` vLLM reported per request. Max ratio = max over all "
         "intervals between two requests of consumed ÷ (B + r·t), with each request "
-        "timestamped when its response started (just after the guard charged it) or when "
-        "it completed.",
+        "timestamped when the guard charged it (client send time + the guard's "
+        "`x-vllm-guard-quota-ms`), when its response started, or when it completed.",
         "",
-        "| dimension | limit | burst B | consumed | max ratio, at start | "
-        "max ratio, at completion | long-run rate ÷ r |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| dimension | limit | burst B | consumed | max ratio at charge | at response start "
+        "| at completion | long-run rate ÷ r |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         f"| tokens/min | {tok['limit_per_minute']} | {tok['burst']} | {tok['consumed']:.0f} | "
-        f"{tok_ratios} | {tok['long_run_rate_ratio']:.3f} |",
+        f"{ratios(tok)} | {tok['long_run_rate_ratio']:.3f} |",
         f"| requests/min | {req['limit_per_minute']} | {req['burst']} | {req['consumed']:.0f} | "
-        f"{req_ratios} | {req['long_run_rate_ratio']:.3f} |",
+        f"{ratios(req)} | {req['long_run_rate_ratio']:.3f} |",
         "",
         f"max_concurrent {conc['limit']}: peak running in vLLM **{peak:.0f}** "
         f"({conc['samples']} samples, 50 ms apart).",
         "",
-        f"All ratios ≤ 1.00 at start: **{'yes' if ok_start else 'NO'}**; at completion: "
-        f"**{'yes' if ok_end else 'NO'}**; peak ≤ limit: "
-        f"**{'yes' if peak <= conc['limit'] else 'NO'}**.",
+        "All ratios ≤ 1.00 — "
+        + "; ".join(f"at {w}: **{'yes' if ok[w] else 'NO'}**" for w in when)
+        + f"; peak ≤ limit: **{'yes' if peak <= conc['limit'] else 'NO'}**.",
         "",
         f"Retry-after ({len(r['trials'])} trials, 20 requests/min, burst 1; advertised median "
         f"{r['advertised_median_s']:.2f} s): a retry 1 s before the advertised time was refused "

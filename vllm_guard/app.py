@@ -49,6 +49,7 @@ log = logging.getLogger("vllm_guard.app")
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _QUEUE_HEADER = b"x-vllm-guard-queue-ms"
+_QUOTA_HEADER = b"x-vllm-guard-quota-ms"  # estimate + waiting for the tenant's budget
 _CLASS_HEADER_OUT = b"x-vllm-guard-class"
 _EVENT_STREAM = "text/event-stream"
 
@@ -250,7 +251,10 @@ class GuardApp:
                 if isinstance(charged, Denied):
                     return await self._rate_limited(send, tenant.name, quota.quota, charged, est)
                 reservation = charged
-                guard_headers += _ratelimit_headers(quota.quota, asyncio.get_running_loop().time())
+                charged_at = asyncio.get_running_loop().time()
+                guard_headers += _ratelimit_headers(quota.quota, charged_at)
+                quota_ms = (charged_at - usage.arrived) * 1000
+                guard_headers.append((_QUOTA_HEADER, f"{quota_ms:.1f}".encode()))
             cost = _fair_cost(path, payload, est, priority_class)
             await self._admit_and_forward(
                 send, path, body, forwarded, tenant, cost, priority_class, stream, guard_headers,
