@@ -63,6 +63,7 @@ async def test_over_rpm_gets_429_with_exact_retry_after_and_headers(app, fake):
     assert first.headers["x-ratelimit-limit-requests"] == "2"
     assert first.headers["x-ratelimit-remaining-requests"] == "1"
     assert first.headers["x-ratelimit-reset-requests"] == "30s"  # one request at 2/min
+    assert 0 <= float(first.headers["x-vllm-guard-quota-ms"]) < 1000
     assert (await call(app, "POST", "/v1/completions", CHAT, body)).status == 200
     refused = await call(app, "POST", "/v1/completions", CHAT, body)
     assert refused.status == 429
@@ -198,6 +199,7 @@ async def test_wait_class_holds_the_request_until_the_bucket_refills(app, fake):
     second = await call(app, "POST", "/v1/completions", BACKFILL, body)
     assert second.status == 200
     assert 0.9 < loop.time() - t0 < 1.5  # one request per second: the refill time, no polling
+    assert 900 < float(second.headers["x-vllm-guard-quota-ms"]) < 1500
 
 
 async def test_wait_class_is_woken_by_a_settle_for_concurrency(app, fake):
