@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ import aiohttp
 from vllm_guard.demo import Stack
 from vllm_guard.estimate import heuristic_prompt_tokens
 from vllm_guard.tiny_model import ensure_tiny_model
-from vllm_guard.workload import percentile
+from vllm_guard.workload import percentile, write_report
 
 LONG = " ".join(f"line {i}: the guard keeps batch work out of reserved slots." for i in range(60))
 PROMPTS: list[tuple[str, dict[str, Any]]] = [
@@ -164,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results/estimate_accuracy"))
     args = p.parse_args(argv)
     result = asyncio.run(_run(args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "estimate_accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = _markdown(result)
-    (args.out / "estimate_accuracy.md").write_text(md)
-    print(md)
+    write_report(args.out, "estimate_accuracy", result, _markdown(result))
     return 0
 
 

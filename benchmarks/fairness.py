@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from vllm_guard.demo import Stack
-from vllm_guard.workload import percentile
+from vllm_guard.workload import percentile, write_report
 
 CONFIG = """
 engine: {max_num_seqs: 16}
@@ -150,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results/fairness"))
     args = p.parse_args(argv)
     result = asyncio.run(_run(args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fairness.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = _markdown(result)
-    (args.out / "fairness.md").write_text(md)
-    print(md)
+    write_report(args.out, "fairness", result, _markdown(result))
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import statistics
 import sys
@@ -28,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from vllm_guard.demo import Stack
-from vllm_guard.workload import Target, flood_with_probes, new_session, probes_alone, summary_ms
+from vllm_guard.workload import (
+    Target,
+    flood_with_probes,
+    new_session,
+    probes_alone,
+    summary_ms,
+    write_report,
+)
 
 
 async def _one(stack: Stack, target: Target, args: argparse.Namespace) -> dict[str, Any]:
@@ -168,11 +174,7 @@ def main() -> int:
     )
     args = p.parse_args()
     result = asyncio.run(_run(args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "isolation.json").write_text(json.dumps(result, indent=2))
-    (args.out / "isolation.md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"wrote {args.out}/isolation.json and isolation.md")
+    write_report(args.out, "isolation", result, markdown(result))
     return 0
 
 

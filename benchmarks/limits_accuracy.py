@@ -39,7 +39,7 @@ from typing import Any
 import aiohttp
 
 from vllm_guard.demo import Stack
-from vllm_guard.workload import new_session
+from vllm_guard.workload import new_session, write_report
 
 LIMITS = {"rpm": 300, "rpm_burst": 10, "tpm": 24000, "tpm_burst": 3000, "concurrent": 8}
 PROBE_RPM = 20
@@ -314,11 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results/limits_accuracy"))
     args = p.parse_args(argv)
     result = asyncio.run(_run(args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "limits_accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = _markdown(result)
-    (args.out / "limits_accuracy.md").write_text(md)
-    print(md)
+    write_report(args.out, "limits_accuracy", result, _markdown(result))
     return 0
 
 

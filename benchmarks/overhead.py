@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from vllm_guard.demo import Stack
-from vllm_guard.workload import percentile
+from vllm_guard.workload import percentile, write_report
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
 
@@ -133,11 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results/overhead"))
     args = p.parse_args(argv)
     result = asyncio.run(_run(args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = _markdown(result)
-    (args.out / "overhead.md").write_text(md)
-    print(md)
+    write_report(args.out, "overhead", result, _markdown(result))
     return 0
 
 

@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -204,3 +205,12 @@ async def flood_with_probes(
         batch_failed=failed[0],
         probes_outside_saturation=outside,
     )
+
+
+def write_report(out: Path, name: str, result: dict[str, Any], markdown: str) -> None:
+    """What every benchmark does last: `<name>.json` and `<name>.md` into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {out / name}.json and .md")
