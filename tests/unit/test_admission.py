@@ -165,6 +165,16 @@ def _fill(adm, batch, n=3):
     return [adm.enter(batch, 0.0, "holder")[1] for _ in range(n)]
 
 
+def _turns(adm, held, n):
+    """Release the oldest held ticket n times; the tenants admitted, in order."""
+    order = []
+    for _ in range(n):
+        admitted = adm.release(held.pop(0), 1.0)
+        held += admitted
+        order += [t.tenant for t in admitted]
+    return order
+
+
 def _deep_queue(queueing="fair"):
     """The test config with room for 500 batch waiters."""
     text = BASE_CONFIG.replace(
@@ -194,11 +204,7 @@ def test_weights_share_slots_in_proportion_to_cost():
     for _ in range(60):
         adm.enter(batch, 0.0, "heavy", cost=100, weight=2.0)
         adm.enter(batch, 0.0, "light", cost=100, weight=1.0)
-    order = []
-    for _ in range(45):
-        nxt = adm.release(held.pop(0), 1.0)
-        held += nxt
-        order += [t.tenant for t in nxt]
+    order = _turns(adm, held, 45)
     assert abs(order.count("heavy") - 2 * order.count("light")) <= 2
 
 
@@ -209,11 +215,7 @@ def test_cheap_requests_get_more_turns_than_expensive_ones():
         adm.enter(batch, 0.0, "long", cost=1000)
     for _ in range(40):
         adm.enter(batch, 0.0, "short", cost=100)
-    order = []
-    for _ in range(22):
-        nxt = adm.release(held.pop(0), 1.0)
-        held += nxt
-        order += [t.tenant for t in nxt]
+    order = _turns(adm, held, 22)
     assert order.count("short") >= 8 * order.count("long")
 
 
