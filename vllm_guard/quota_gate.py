@@ -3,12 +3,16 @@
 One FIFO of waiting requests and one timer per tenant. The timer is armed for the moment
 the head's buckets can pay (or the earliest deadline); a settle — a refund or a finished
 request freeing a concurrency slot — wakes the queue too. A new request never overtakes
-the tenant's waiting ones.
+the tenant's waiting ones. Deadlines sit in a heap (a tenant's requests may belong to
+classes with different `max_wait_s`), so a wake costs O(log n), not a scan of the queue:
+a batch job with 20,000 waiting requests is the case this exists for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
 from collections import deque
 
@@ -29,12 +33,15 @@ class _Waiter:
 class QuotaGate:
     def __init__(self, quota: TenantQuota) -> None:
         self.quota = quota
-        self._waiters: deque[_Waiter] = deque()
+        self._waiters: deque[_Waiter] = deque()  # arrival order; done ones dropped lazily
+        self._deadlines: list[tuple[float, int, _Waiter]] = []  # heap; done ones dropped lazily
+        self._seq = itertools.count()
+        self._live = 0  # waiters whose future is not done
         self._timer: asyncio.TimerHandle | None = None
 
     @property
     def waiting(self) -> int:
-        return sum(1 for w in self._waiters if not w.future.done())
+        return self._live
 
     async def reserve(
         self, tokens: int, max_wait_s: float, max_waiting: int = 1000
@@ -44,7 +51,7 @@ class QuotaGate:
         `max_waiting` requests of the tenant already wait)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if not self._waiters:
+        if not self._live:
             result = self.quota.try_reserve(tokens, now)
             if isinstance(result, Reservation) or not _worth_waiting(result, max_wait_s):
                 return result
@@ -52,17 +59,20 @@ class QuotaGate:
             denied = self.quota.check(tokens, now)
             if denied is not None and denied.retry_after_s == math.inf:
                 return denied  # waiting cannot help
-            if len(self._waiters) >= max_waiting and self.waiting >= max_waiting:
+            if self._live >= max_waiting:
                 return denied or self._head_denial(now)
         waiter = _Waiter(tokens, now + max_wait_s, loop.create_future())
         self._waiters.append(waiter)
+        heapq.heappush(self._deadlines, (waiter.deadline, next(self._seq), waiter))
+        self._live += 1
         self._wake()
         try:
             return await waiter.future
         except asyncio.CancelledError:
-            # Granted in the same loop turn as the cancel: give it back.
             future = waiter.future
-            if future.done() and not future.cancelled():
+            if future.cancelled():
+                self._live -= 1  # its client left while it waited
+            elif future.done():  # granted in the same loop turn as the cancel: give it back
                 granted = future.result()
                 if isinstance(granted, Reservation):
                     self.quota.settle(granted, 0, loop.time(), sent=False)
@@ -101,21 +111,27 @@ class QuotaGate:
             if isinstance(result, Reservation):
                 waiters.popleft()
                 head.future.set_result(result)
+                self._live -= 1
                 continue
             blocked = result
             if result.dimension != CONCURRENCY:
                 next_at = now + result.retry_after_s
             break
-        for w in waiters:  # FIFO by arrival; deadlines differ only across classes
+        deadlines = self._deadlines
+        while deadlines:
+            deadline, _, w = deadlines[0]
             if w.future.done():
+                heapq.heappop(deadlines)
                 continue
-            if w.deadline <= now:
-                # Still refused at its deadline: on its own dimensions, or behind the head.
-                denied = self.quota.check(w.tokens, now) or blocked
-                assert denied is not None
-                w.future.set_result(denied)
-            else:
-                next_at = min(next_at, w.deadline)
+            if deadline > now:
+                next_at = min(next_at, deadline)
+                break
+            heapq.heappop(deadlines)
+            # Still refused at its deadline: on its own dimensions, or behind the head.
+            denied = self.quota.check(w.tokens, now) or blocked
+            assert denied is not None
+            w.future.set_result(denied)
+            self._live -= 1
         if next_at < math.inf:
             self._timer = loop.call_at(next_at, self._wake)
 
