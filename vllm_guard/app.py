@@ -302,8 +302,8 @@ class GuardApp:
     ) -> None:
         now = asyncio.get_running_loop().time()
         headers = _ratelimit_headers(quota, now)
+        self.metrics.rate_limited(tenant, denied.dimension)
         if denied.retry_after_s == float("inf"):
-            self.metrics.rate_limited(tenant, denied.dimension)
             return await errors.ErrorResponse(
                 400,
                 f"This request needs an estimated {est.total} tokens ({est.prompt_tokens} "
@@ -313,7 +313,6 @@ class GuardApp:
                 "request_exceeds_limit",
                 param="max_tokens",
             ).send(send, headers)
-        self.metrics.rate_limited(tenant, denied.dimension)
         # Concurrency has no refill time: a slot frees when one of the tenant's requests ends.
         wait_s = max(denied.retry_after_s, 0.001) if denied.retry_after_s else 1.0
         message = (

@@ -175,6 +175,14 @@ def _turns(adm, held, n):
     return order
 
 
+def _release_all(adm, held):
+    """Release every held ticket at once; the tickets admitted in their place, in order."""
+    admitted = []
+    for ticket in held:
+        admitted += adm.release(ticket, 2.0)
+    return admitted
+
+
 def _deep_queue(queueing="fair"):
     """The test config with room for 500 batch waiters."""
     text = BASE_CONFIG.replace(
@@ -190,9 +198,7 @@ def test_a_tenant_behind_a_flood_waits_about_one_request():
     held = _fill(adm, batch)
     flood = [adm.enter(batch, 0.0, "flood", cost=300)[1] for _ in range(100)]
     _, trickle = adm.enter(batch, 1.0, "trickle", cost=300)
-    admitted = []
-    for ticket in held:
-        admitted += adm.release(ticket, 2.0)
+    admitted = _release_all(adm, held)
     assert trickle in admitted  # among the first 3 admitted, not after 100
     assert admitted.index(trickle) <= 1
     assert [t for t in admitted if t is not trickle] == flood[: len(admitted) - 1]  # FIFO
@@ -220,18 +226,9 @@ def test_cheap_requests_get_more_turns_than_expensive_ones():
 
 
 def test_fifo_class_ignores_tenants():
-    config = parse_config(
-        BASE_CONFIG.replace(
-            "batch: {vllm_priority: 10,", "batch: {vllm_priority: 10, queueing: fifo,"
-        ),
-        "t.yaml",
-        KEYS,
-    )
-    adm, _, batch = _setup(config)
+    adm, _, batch = _deep_queue("fifo")
     held = _fill(adm, batch)
     flood = [adm.enter(batch, 0.0, "flood", cost=300)[1] for _ in range(4)]
     _, late = adm.enter(batch, 1.0, "trickle", cost=1)
-    admitted = []
-    for ticket in held:
-        admitted += adm.release(ticket, 2.0)
+    admitted = _release_all(adm, held)
     assert admitted == flood[:3] and late.state is TicketState.WAITING
