@@ -6,8 +6,9 @@ manual clock.
 A request is charged its estimate on every dimension at once, all or nothing: if one
 bucket cannot pay, none is touched. When the request ends it is settled with what it
 really used — the unused part of the estimate goes back, an overrun is charged — so each
-bucket keeps its promise in every window: over any interval of length T it lets through
-at most `capacity + rate * T`.
+bucket keeps its promise in every window: over any interval of length T, the requests
+admitted in it, and equally the requests that finish in it, used at most
+`capacity + rate * T` (see `TokenBucket`).
 
 A bucket may go below zero when a request used more than it was charged (an estimate
 that was too low); that debt is paid off by refill before anything else is admitted,
@@ -16,8 +17,6 @@ which is what keeps the promise over the windows that include the overrun.
 
 from __future__ import annotations
 
-import bisect
-import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,29 +33,37 @@ _PERIOD_S = {REQUESTS: 60.0, TOKENS_MINUTE: 60.0, TOKENS_DAY: 86400.0}
 class TokenBucket:
     """Capacity `capacity`, refilled continuously at `rate` per second.
 
-    A refund must not let the bucket pass more than it could have had the request been
-    charged only what it used in the first place. The difference between the two
-    histories shrinks whenever the "as if" bucket would have been full, i.e. by the
-    highest level seen since the charge; so a refund is capped by the headroom below that
-    peak. `_peaks` keeps (charge number, level) observations with strictly decreasing
-    levels, which answers "highest level since charge k" with one binary search."""
+    What a request reserves stays `reserved` until it is settled, and refill stops at
+    `capacity - reserved`: available plus held back never exceeds the capacity. Settling
+    returns the unused part and takes the used part for good, so everything used —
+    counted when it is settled, or when it was reserved — comes out of one budget that
+    holds at most `capacity` and grows by at most `rate * T` in any time T. That is the
+    bucket's promise on the engine's side: however long each request runs, the work
+    that *finishes* in any interval stays within `capacity + rate * T`. The price is
+    that a reservation larger than what is used holds capacity while its request runs.
+    """
 
-    __slots__ = ("_peaks", "capacity", "level", "rate", "updated")
+    __slots__ = ("capacity", "level", "rate", "reserved", "updated")
 
     def __init__(self, capacity: float, rate: float, now: float) -> None:
         self.capacity = capacity
         self.rate = rate
         self.level = capacity
+        self.reserved = 0.0
         self.updated = now
-        self._peaks: list[tuple[int, float]] = []
 
     def refill(self, now: float) -> None:
         if now > self.updated:
-            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+            room = self.capacity - self.reserved
+            grown = self.level + (now - self.updated) * self.rate
+            self.level = max(self.level, min(room, grown))
             self.updated = now
 
     def wait_s(self, cost: float, now: float) -> float:
-        """Seconds until `cost` can be paid (0 if it can now; inf if it never can)."""
+        """Seconds until `cost` can be paid (0 if it can now; inf if it never can).
+
+        When reservations hold back part of the capacity, refill alone may never reach
+        `cost`; the answer is then the earliest time, reached if they are settled by then."""
         self.refill(now)
         if cost <= self.level:
             return 0.0
@@ -65,36 +72,22 @@ class TokenBucket:
         return (cost - self.level) / self.rate
 
     def reset_s(self, now: float) -> float:
-        """Seconds until the bucket is full again."""
+        """Seconds until the bucket is full again (if its open reservations are settled by
+        then, as in `wait_s`)."""
         self.refill(now)
         return (self.capacity - self.level) / self.rate
 
-    def charge(self, cost: float, seq: int, now: float) -> None:
-        """Take `cost` as charge number `seq` (numbers increase with every charge)."""
+    def reserve(self, cost: float, now: float) -> None:
         self.refill(now)
-        self._observe(seq - 1)
         self.level -= cost
+        self.reserved += cost
 
-    def refund(self, amount: float, since_seq: int, now: float) -> None:
-        """Give back up to `amount` of what charge `since_seq` took (see the class doc)."""
+    def settle(self, reserved: float, used: float, now: float) -> None:
+        """End a reservation of `reserved` that used `used`; using more than was reserved
+        is taken too, possibly into debt, which refill pays off before anything else."""
         self.refill(now)
-        peak = self.level
-        i = bisect.bisect_left(self._peaks, (since_seq, -math.inf))
-        if i < len(self._peaks):
-            peak = max(peak, self._peaks[i][1])
-        self.level += max(0.0, min(amount, self.capacity - peak))
-
-    def forget_before(self, seq: int) -> None:
-        """No open charge is older than `seq`: drop the observations nobody can ask for."""
-        i = bisect.bisect_left(self._peaks, (seq, -math.inf))
-        if i:
-            del self._peaks[:i]
-
-    def _observe(self, seq: int) -> None:
-        peaks, level = self._peaks, self.level
-        while peaks and peaks[-1][1] <= level:
-            peaks.pop()
-        peaks.append((seq, level))
+        self.reserved = max(0.0, self.reserved - reserved)
+        self.level += reserved - used
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,14 +123,13 @@ class Denied(NamedTuple):
 
 
 class Reservation:
-    """What a request was charged (as charge number `seq`); settle it exactly once."""
+    """What a request was charged; settle it exactly once."""
 
-    __slots__ = ("quota", "seq", "settled", "tokens")
+    __slots__ = ("quota", "settled", "tokens")
 
-    def __init__(self, quota: TenantQuota, tokens: int, seq: int) -> None:
+    def __init__(self, quota: TenantQuota, tokens: int) -> None:
         self.quota = quota
         self.tokens = tokens
-        self.seq = seq
         self.settled = False
 
 
@@ -163,9 +155,6 @@ class TenantQuota:
                 capacity = burst.get(dim, limit)
                 self.buckets[dim] = TokenBucket(capacity, limit / _PERIOD_S[dim], now)
         self.in_flight = 0
-        self._charges = 0  # charges made so far; numbers each one
-        self._open: list[int] = []  # heap of open charge numbers (settled ones lazily)
-        self._settled: set[int] = set()
 
     def _costs(self, tokens: int) -> list[tuple[str, TokenBucket, float]]:
         return [
@@ -195,13 +184,10 @@ class TenantQuota:
         denied = self.check(tokens, now)
         if denied is not None:
             return denied
-        self._charges += 1
-        seq = self._charges
         for _, bucket, cost in self._costs(tokens):
-            bucket.charge(cost, seq, now)
-        heapq.heappush(self._open, seq)
+            bucket.reserve(cost, now)
         self.in_flight += 1
-        return Reservation(self, tokens, seq)
+        return Reservation(self, tokens)
 
     def settle(
         self, reservation: Reservation, used_tokens: int, now: float, sent: bool = True
@@ -214,31 +200,12 @@ class TenantQuota:
             return
         reservation.settled = True
         self.in_flight -= 1
-        if not sent:
-            used_tokens = 0
-            bucket = self.buckets.get(REQUESTS)
-            if bucket is not None:
-                bucket.refund(1.0, reservation.seq, now)
-        delta = used_tokens - reservation.tokens
-        for dim in (TOKENS_MINUTE, TOKENS_DAY):
-            bucket = self.buckets.get(dim)
-            if bucket is None or not delta:
-                continue
-            if delta < 0:
-                bucket.refund(-delta, reservation.seq, now)
-            else:  # used more than estimated: charged now, possibly into debt
-                self._charges += 1
-                bucket.charge(delta, self._charges, now)
-        self._close(reservation.seq)
-
-    def _close(self, seq: int) -> None:
-        self._settled.add(seq)
-        heap = self._open
-        while heap and heap[0] in self._settled:
-            self._settled.discard(heapq.heappop(heap))
-        oldest = heap[0] if heap else self._charges + 1
-        for bucket in self.buckets.values():
-            bucket.forget_before(oldest)
+        used = used_tokens if sent else 0
+        for dim, bucket, cost in self._costs(reservation.tokens):
+            if dim == REQUESTS:
+                bucket.settle(cost, 1.0 if sent else 0.0, now)
+            else:
+                bucket.settle(cost, float(used), now)
 
     def snapshot(self, now: float) -> Snapshot:
         req = self.buckets.get(REQUESTS)

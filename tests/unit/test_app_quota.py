@@ -34,7 +34,7 @@ tenants:
   backfill:
     class: bulk
     api_keys: ["env:BACKFILL_KEY"]
-    limits: {requests_per_minute: 60, burst: {requests_per_minute: 1}, max_concurrent: 1}
+    limits: {requests_per_minute: 60, burst: {requests_per_minute: 2}, max_concurrent: 1}
 """
 BACKFILL = {"Authorization": "Bearer backfill-secret"}
 CHAT = {"Authorization": "Bearer chat-secret"}
@@ -194,7 +194,8 @@ async def test_stream_cut_by_the_client_pays_prompt_plus_tokens_streamed(app, fa
 async def test_wait_class_holds_the_request_until_the_bucket_refills(app, fake):
     loop = asyncio.get_running_loop()
     body = {"prompt": "a", "max_tokens": 1}
-    assert (await call(app, "POST", "/v1/completions", BACKFILL, body)).status == 200
+    for _ in range(2):  # the burst
+        assert (await call(app, "POST", "/v1/completions", BACKFILL, body)).status == 200
     t0 = loop.time()
     second = await call(app, "POST", "/v1/completions", BACKFILL, body)
     assert second.status == 200
@@ -207,7 +208,7 @@ async def test_wait_class_is_woken_by_a_settle_for_concurrency(app, fake):
     body = {"prompt": "a", "max_tokens": 1}
     first = asyncio.create_task(call(app, "POST", "/v1/completions", BACKFILL, body))
     await until(lambda: fake.active == 1)
-    await asyncio.sleep(1.0)  # the requests bucket has refilled; only concurrency blocks
+    # The requests bucket has a second request's room (burst 2); only concurrency blocks.
     second = asyncio.create_task(call(app, "POST", "/v1/completions", BACKFILL, body))
     await until(lambda: app.quota_gates["backfill"].waiting == 1)
     fake.mode = "ok"

@@ -74,6 +74,41 @@ def test_no_window_lets_through_more_than_capacity_plus_rate_times_length(rpm, t
             assert requests <= rpm + rpm / 60 * span + 1e-6
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    rpm=st.integers(min_value=1, max_value=120),
+    tpm=st.integers(min_value=100, max_value=5000),
+    steps=st.lists(_step, min_size=1, max_size=120),
+)
+def test_no_window_of_finished_requests_uses_more_than_capacity_plus_rate_times_length(
+    rpm, tpm, steps
+):
+    """The engine's side of the promise: requests counted when they *finish* (settle),
+    however long each ran, stay within capacity + rate * (b - a) over every interval."""
+    quota = TenantQuota(Limits(requests_per_minute=rpm, tokens_per_minute=tpm), now=0.0)
+    now = 0.0
+    finished: list[tuple[float, int]] = []  # (time settled, tokens really used)
+    open_: list[tuple[Reservation, int]] = []
+    for advance, estimate, fraction, n_settle in steps:
+        now += advance
+        # Settle the newest first: long-running early requests finish late, the case where
+        # counting at admission and counting at completion differ most.
+        for reservation, used in open_[::-1][:n_settle]:
+            quota.settle(reservation, used, now)
+            finished.append((now, used))
+        del open_[len(open_) - min(n_settle, len(open_)) :]
+        result = quota.try_reserve(estimate, now)
+        if isinstance(result, Reservation):
+            open_.append((result, math.floor(estimate * fraction)))
+    for i, (start, _) in enumerate(finished):
+        tokens = 0
+        for requests, (end, used) in enumerate(finished[i:], start=1):
+            tokens += used
+            span = end - start
+            assert tokens <= tpm + tpm / 60 * span + 1e-6
+            assert requests <= rpm + rpm / 60 * span + 1e-6
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     ops=st.lists(
@@ -112,12 +147,15 @@ def test_buckets_stay_within_zero_and_capacity_and_refusals_touch_nothing(ops):
 
 def test_all_or_nothing_names_the_dimension_that_frees_last():
     quota = TenantQuota(Limits(requests_per_minute=60, tokens_per_minute=600), now=0.0)
-    assert isinstance(quota.try_reserve(590, 0.0), Reservation)
+    first = quota.try_reserve(590, 0.0)
+    assert isinstance(first, Reservation)
+    quota.settle(first, 590, 0.0)
     denied = quota.try_reserve(100, 0.0)
     assert isinstance(denied, Denied)
     assert denied.dimension == TOKENS_MINUTE
     assert denied.retry_after_s == pytest.approx((100 - 10) / 10)  # 10 tokens/s refill
     assert quota.buckets[REQUESTS].level == pytest.approx(59)  # the refusal took no request
+    assert isinstance(quota.try_reserve(100, 8.9), Denied)
     assert isinstance(quota.try_reserve(100, 9.0), Reservation)
 
 
@@ -169,9 +207,22 @@ def test_snapshot_for_headers():
 
 def test_bucket_wait_is_exact_refill_time():
     b = TokenBucket(capacity=100, rate=2, now=0.0)
-    b.charge(100, 1, 0.0)
+    b.reserve(100, 0.0)
+    b.settle(100, 100, 0.0)
     assert b.wait_s(10, 1.0) == pytest.approx(4.0)
     assert b.wait_s(101, 1.0) == math.inf
+
+
+def test_open_reservations_hold_back_refill():
+    b = TokenBucket(capacity=100, rate=10, now=0.0)
+    b.reserve(60, 0.0)
+    assert b.wait_s(50, 100.0) == pytest.approx(1.0)  # refill stopped at 100 - 60 held
+    assert b.level == pytest.approx(40)
+    b.settle(60, 20, 100.0)  # 40 unused comes back; 20 is gone for good
+    assert b.level == pytest.approx(80)
+    assert b.reset_s(100.0) == pytest.approx(2.0)
+    b.reserve(80, 100.0)
+    assert b.reset_s(100.0) == pytest.approx(10.0)  # if the 80 held comes back unused
 
 
 @pytest.mark.parametrize(
