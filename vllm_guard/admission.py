@@ -17,6 +17,16 @@ and a tenant arriving behind another's 10,000 queued requests gets a tag just pa
 so it waits for about one request, not 10,000. A class set to `queueing: fifo` gives every
 ticket the same tenant key, which makes the order plain FIFO.
 
+KV cache: each admitted ticket also reserves `kv` tokens (prompt + completion budget,
+capped at the model's length) until it is released. When the KV capacity is known, class
+c is admitted only while `max(reserved, engine-reported usage) + kv` stays within its
+`kv_fraction` of the capacity (the watermark minus the shares reserved by more urgent
+classes). The engine's reading counts where it exceeds the guard's own reservations: load
+the guard did not send, or estimates that were low. With nothing of the guard's in
+flight a ticket is admitted whatever its size, so an oversized request cannot wait
+forever. A queue head that does not fit blocks its class and those below (no
+overtaking), as for slots.
+
 The asyncio side (`gate.py`) turns the returned tickets into woken futures and arms one
 timer per queue at `next_deadline()`.
 """
@@ -44,11 +54,11 @@ class Ticket:
     """A request waiting for (or holding) a slot. `waker` belongs to the caller.
 
     `tenant`, `cost` (prompt tokens + 2 x completion tokens, estimated) and `weight` order
-    the waiters of one class by weighted fair queueing."""
+    the waiters of one class by weighted fair queueing; `kv` is the KV cache it reserves."""
 
     __slots__ = (
-        "cost", "deadline", "enqueued_at", "finish", "priority_class", "start", "state",
-        "tenant", "waker", "weight",
+        "cost", "deadline", "enqueued_at", "finish", "kv", "priority_class", "start",
+        "state", "tenant", "waker", "weight",
     )  # fmt: skip
 
     def __init__(
@@ -59,6 +69,7 @@ class Ticket:
         tenant: str = "",
         cost: float = 1.0,
         weight: float = 1.0,
+        kv: int = 0,
     ) -> None:
         self.priority_class = priority_class
         self.enqueued_at = now
@@ -68,6 +79,7 @@ class Ticket:
         self.tenant = tenant
         self.cost = cost
         self.weight = weight
+        self.kv = kv
         self.start = self.finish = 0.0
 
 
@@ -117,16 +129,18 @@ class _ClassState:
         self.arrivals.append(ticket)
         self.waiting += 1
 
-    def pop_next(self) -> Ticket | None:
-        """The waiting ticket with the smallest finish tag, removed; None if none waits."""
+    def head(self) -> Ticket | None:
+        """The waiting ticket with the smallest finish tag; None if none waits."""
         heap = self.heap
-        while heap:
-            ticket = heapq.heappop(heap)[2]
-            if ticket.state is TicketState.WAITING:
-                self.waiting -= 1
-                self.vtime = ticket.start
-                return ticket
-        return None
+        while heap and heap[0][2].state is not TicketState.WAITING:
+            heapq.heappop(heap)
+        return heap[0][2] if heap else None
+
+    def pop_head(self) -> Ticket:
+        ticket = heapq.heappop(self.heap)[2]
+        self.waiting -= 1
+        self.vtime = ticket.start
+        return ticket
 
     def left(self) -> None:
         """A waiting ticket was cancelled or expired: keep the lazy structures bounded."""
@@ -142,11 +156,30 @@ class _ClassState:
             q.popleft()
 
 
-class Admission:
-    """Slot accounting and per-class FIFO queues with strict priority between classes."""
+class KvState:
+    """What the gate knows of the KV cache, in tokens. `capacity` None: not known (slots
+    alone decide); `live` None: no fresh reading from the engine (own accounting)."""
 
-    def __init__(self, max_num_seqs: int, classes: Iterable[PriorityClass]) -> None:
+    __slots__ = ("capacity", "hold_batch", "live", "reserved")
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
+        self.live: int | None = None
+        self.reserved = 0
+        self.hold_batch = False  # engine stale and the posture says: admit only rank 0
+
+    def used(self) -> int:
+        return max(self.reserved, self.live or 0)
+
+
+class Admission:
+    """Slot and KV accounting, per-class queues, strict priority between classes."""
+
+    def __init__(
+        self, max_num_seqs: int, classes: Iterable[PriorityClass], kv_capacity: int | None = None
+    ) -> None:
         self.max_num_seqs = max_num_seqs
+        self.kv = KvState(kv_capacity)
         self._classes = sorted((_ClassState(c) for c in classes), key=lambda s: s.spec.rank)
         self._by_rank = {s.spec.rank: s for s in self._classes}
         self.in_flight = 0
@@ -163,12 +196,14 @@ class Admission:
         tenant: str = "",
         cost: float = 1.0,
         weight: float = 1.0,
+        kv: int = 0,
     ) -> tuple[Decision, Ticket]:
         """Admit at once, queue, or refuse. A QUEUED ticket is later returned by
-        `release` (admitted) or `expire` (timed out), unless the caller `cancel`s it."""
+        `release` (admitted), `dispatch` (after an engine update) or `expire` (timed
+        out), unless the caller `cancel`s it."""
         state = self._by_rank[priority_class.rank]
-        ticket = Ticket(priority_class, now, None, tenant, cost, weight)
-        if self._nobody_waiting_up_to(state.spec.rank) and self._fits(state):
+        ticket = Ticket(priority_class, now, None, tenant, cost, weight, kv)
+        if self._nobody_waiting_up_to(state.spec.rank) and self._fits(state, ticket):
             self._take(state, ticket)
             return Decision.ADMITTED, ticket
         if state.queued >= state.spec.max_queue:
@@ -184,8 +219,27 @@ class Admission:
         ticket.state = TicketState.CANCELLED  # a released ticket can never be released again
         state.in_flight -= 1
         self.in_flight -= 1
+        self.kv.reserved -= ticket.kv
         self._observe_completion(now)
         return self.dispatch()
+
+    def engine_update(
+        self, live_tokens: int | None, capacity: int | None, hold_batch: bool
+    ) -> list[Ticket]:
+        """A new reading of the engine's KV use (None: stale); returns waiters it admits."""
+        kv = self.kv
+        kv.live = live_tokens
+        if capacity is not None:
+            kv.capacity = capacity
+        kv.hold_batch = hold_batch
+        return self.dispatch()
+
+    def kv_headroom(self, priority_class: PriorityClass) -> float:
+        """KV tokens a ticket of this class could reserve now (inf: capacity unknown)."""
+        kv = self.kv
+        if kv.capacity is None:
+            return float("inf")
+        return kv.capacity * priority_class.kv_fraction - kv.used()
 
     def retry_after_s(self, priority_class: PriorityClass) -> float:
         """A fair guess at when a refused request of this class would get in: the requests
@@ -214,8 +268,8 @@ class Admission:
                 ticket.state = TicketState.EXPIRED
                 expired.append(ticket)
                 state.left()
-        # No dispatch needed: a waiter of a less urgent class fits only where the expired
-        # (more urgent) ones would have fitted, and then they would have been admitted.
+        # The caller dispatches next: an expired head that did not fit the KV headroom
+        # may have been holding back smaller waiters behind it.
         return expired
 
     def next_deadline(self, priority_class: PriorityClass) -> float | None:
@@ -240,8 +294,16 @@ class Admission:
             self._completion_interval_s += 0.1 * (gap - self._completion_interval_s)
         self._last_completion = now
 
-    def _fits(self, state: _ClassState) -> bool:
-        return self.in_flight < state.spec.slot_limit
+    def _fits(self, state: _ClassState, ticket: Ticket) -> bool:
+        spec = state.spec
+        if self.in_flight >= spec.slot_limit:
+            return False
+        kv = self.kv
+        if kv.hold_batch and spec.rank > 0:
+            return False
+        if kv.capacity is None or self.in_flight == 0:
+            return True
+        return kv.used() + ticket.kv <= kv.capacity * spec.kv_fraction
 
     def _nobody_waiting_up_to(self, rank: int) -> bool:
         return all(s.queued == 0 for s in self._classes[: rank + 1])
@@ -250,14 +312,14 @@ class Admission:
         ticket.state = TicketState.ADMITTED
         state.in_flight += 1
         self.in_flight += 1
+        self.kv.reserved += ticket.kv
 
     def dispatch(self) -> list[Ticket]:
         """Admit waiters, most urgent class first, while they fit; returns them."""
         admitted: list[Ticket] = []
         for state in self._classes:
-            while state.waiting and self._fits(state):
-                ticket = state.pop_next()
-                assert ticket is not None
+            while (head := state.head()) is not None and self._fits(state, head):
+                ticket = state.pop_head()
                 self._take(state, ticket)
                 admitted.append(ticket)
             state.drop_gone_arrivals()

@@ -31,12 +31,14 @@ from vllm_guard.auth import Authenticator
 from vllm_guard.classify import CLASS_HEADER, clamp_priority, resolve_class
 from vllm_guard.config import CompiledConfig, PriorityClass, Tenant
 from vllm_guard.engine import EngineState
+from vllm_guard.engine_metrics import EngineMonitor, EngineSample
 from vllm_guard.estimate import (
     Estimate,
     UsageTap,
     completion_budget,
     estimate,
     heuristic_prompt_tokens,
+    prompt_token_bound,
     usage_total,
 )
 from vllm_guard.gate import Gate, RefusalReason, Refused, retry_after_header
@@ -107,13 +109,29 @@ class GuardApp:
         self.config = config
         self.upstream = upstream
         self.engine = engine
-        self.admission = admission or Admission(config.max_num_seqs, config.classes)
+        eng = config.engine
+        self.admission = admission or Admission(
+            config.max_num_seqs,
+            config.classes,
+            eng.kv_capacity_tokens if eng.kv_admission else None,
+        )
         self.gate = Gate(self.admission)
         self.auth = Authenticator(config.key_digests, config.anonymous)
-        self.metrics = GuardMetrics(config, self.admission, engine)
+        self.monitor = EngineMonitor(
+            upstream.base_url,
+            self.engine_sample,
+            eng.metrics_interval_s,
+            eng.metrics_stale_after_s,
+            upstream.headers([], False),
+            "admitting only the most urgent class"
+            if eng.on_stale == "hold_batch"
+            else "admitting on the guard's own KV accounting",
+        )
+        self._monitor_task: asyncio.Task[None] | None = None
+        self.metrics = GuardMetrics(config, self.admission, engine, self.monitor)
         # Buckets start full; the first refill (on the loop's clock) caps them at capacity.
         self.quota_gates = {
-            name: QuotaGate(TenantQuota(t.limits, 0.0))
+            name: QuotaGate(TenantQuota(t.limits, 0.0), self._delayed_by(name))
             for name, t in config.tenants.items()
             if t.limits is not None
         }
@@ -140,6 +158,8 @@ class GuardApp:
             if path == "/metrics":
                 body, content_type = render(self.metrics.registry)
                 return await errors.send_body(send, 200, body, content_type)
+            if path == "/metrics/engine":
+                return await self._engine_metrics(send)
             return await errors.NOT_FOUND.send(send)
         if kind == "lifespan":
             return await self._lifespan(receive, send)
@@ -149,11 +169,29 @@ class GuardApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self._monitor_task = asyncio.create_task(self.monitor.run())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self._monitor_task is not None:
+                    self._monitor_task.cancel()
                 await self.upstream.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    # -- the engine's state ---------------------------------------------------------------
+
+    def engine_sample(self, sample: EngineSample | None) -> None:
+        """The monitor's listener, after every poll: None when the reading is stale."""
+        eng = self.config.engine
+        capacity = None
+        if eng.kv_admission:
+            capacity = eng.kv_capacity_tokens or (sample.kv_capacity_tokens if sample else None)
+        hold = sample is None and eng.on_stale == "hold_batch"
+        live = sample.kv_used_tokens if sample is not None else None
+        self.gate.wake(self.admission.engine_update(live, capacity, hold))
+
+    def _delayed_by(self, tenant: str) -> Any:
+        return lambda dimension: self.metrics.rate_limited(tenant, dimension, "delayed")
 
     # -- simple paths -------------------------------------------------------------------
 
@@ -163,6 +201,14 @@ class GuardApp:
             await errors.send_json(send, 200, body)
         else:
             await errors.send_json(send, 503, body, self._unavailable_headers)
+
+    async def _engine_metrics(self, send: Any) -> None:
+        """vLLM's own /metrics as the guard last read them (vLLM's port is private under
+        `serve`), so one Prometheus job on the guard sees both."""
+        text = self.monitor.text
+        if text is None:
+            return await errors.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers)
+        await errors.send_body(send, 200, text, b"text/plain; version=0.0.4; charset=utf-8")
 
     async def _models(self, scope: Scope, send: Any) -> None:
         headers = dict(scope["headers"])
@@ -198,6 +244,7 @@ class GuardApp:
         tenant = self.auth.tenant_for(authorization)
         if tenant is None:
             return await errors.UNAUTHORIZED.send(send)
+        self.metrics.request(tenant.name)
         priority_class = resolve_class(tenant, class_header, self.config.classes_by_name)
         if isinstance(priority_class, errors.ErrorResponse):
             return await priority_class.send(send)
@@ -256,9 +303,10 @@ class GuardApp:
                 quota_ms = (charged_at - usage.arrived) * 1000
                 guard_headers.append((_QUOTA_HEADER, f"{quota_ms:.1f}".encode()))
             cost = _fair_cost(path, payload, est, priority_class)
+            kv = await self._kv_tokens(path, payload, est, priority_class)
             await self._admit_and_forward(
-                send, path, body, forwarded, tenant, cost, priority_class, stream, guard_headers,
-                usage,
+                send, path, body, forwarded, tenant, (cost, kv), priority_class, stream,
+                guard_headers, usage,
             )  # fmt: skip
         except asyncio.CancelledError:
             if not conn.gone:
@@ -297,6 +345,30 @@ class GuardApp:
             priority_class.default_max_tokens,
         )
 
+    async def _kv_tokens(
+        self, path: str, payload: dict[str, Any], est: Estimate, priority_class: PriorityClass
+    ) -> int:
+        """KV-cache tokens the request reserves: its prompt + completion budget, capped at
+        the model's max_model_len. The prompt is counted exactly (vLLM's /tokenize) only
+        where it matters: a request whose tokenizer-free upper bound already fits the
+        headroom reserves the bound and costs nothing extra."""
+        if self.admission.kv.capacity is None:
+            return 0
+        completion = completion_budget(payload, priority_class.default_max_tokens)
+        if est.total and est.exact_prompt:  # already counted for the tenant's quota
+            prompt = est.prompt_tokens
+        else:
+            prompt = prompt_token_bound(path, payload)
+            if prompt + completion > self.admission.kv_headroom(priority_class):
+                up = self.upstream
+                exact = await estimate(
+                    up.session, up.base_url, up.headers([], True), path, payload, completion
+                )
+                if exact.exact_prompt:
+                    prompt = exact.prompt_tokens
+        limit = self.monitor.max_model_len
+        return min(prompt + completion, limit) if limit else prompt + completion
+
     async def _rate_limited(
         self, send: Any, tenant: str, quota: TenantQuota, denied: Denied, est: Estimate
     ) -> None:
@@ -333,16 +405,18 @@ class GuardApp:
         body: bytes,
         forwarded: list[tuple[bytes, bytes]],
         tenant: Tenant,
-        cost: float,
+        size: tuple[float, int],
         priority_class: PriorityClass,
         stream: bool,
         guard_headers: list[tuple[bytes, bytes]],
         usage: _Usage,
     ) -> None:
+        """`size`: the request's fair-queueing cost and the KV tokens it reserves."""
         loop = asyncio.get_running_loop()
         started = loop.time()
+        cost, kv = size
         try:
-            ticket = await self.gate.acquire(priority_class, tenant.name, cost, tenant.weight)
+            ticket = await self.gate.acquire(priority_class, tenant.name, cost, tenant.weight, kv)
         except Refused as refused:
             return await self._refuse(send, refused)
         try:

@@ -38,6 +38,22 @@ class EngineConfig(BaseModel):
     max_num_seqs: Annotated[int, Field(ge=1, le=65536)] = 16
     """Engine sequence slots S (vLLM's `--max-num-seqs`). The launcher passes it to vLLM;
     in proxy mode it must match what the upstream was started with."""
+    kv_admission: bool = True
+    """Admit by KV-cache headroom as well as by slots (capacity read from the engine's
+    /metrics, or `kv_capacity_tokens`). Each request reserves its prompt + completion
+    budget, capped at the model's max_model_len, until it ends."""
+    kv_watermark: Annotated[float, Field(gt=0, le=1, strict=False)] = 0.9
+    """Share of the KV capacity the guard fills; the rest absorbs estimate errors."""
+    kv_capacity_tokens: Annotated[int, Field(ge=1)] | None = None
+    """KV capacity in tokens, where the engine's metrics do not say (they do on vLLM >= 0.7)."""
+    metrics_interval_s: Annotated[float, Field(ge=0.01, le=10, strict=False)] = 0.1
+    """How often the guard reads the engine's /metrics."""
+    metrics_stale_after_s: Annotated[float, Field(gt=0, strict=False)] = 1.0
+    """A reading older than this is stale: the guard falls back (see `on_stale`)."""
+    on_stale: Literal["own_accounting", "hold_batch"] = "own_accounting"
+    """With stale engine metrics: keep admitting on the guard's own KV reservations
+    (`own_accounting`, the default: the guard's own reservations are an upper bound on
+    what its requests use), or admit only the most urgent class (`hold_batch`)."""
 
 
 class GuardSettings(BaseModel):
@@ -93,6 +109,9 @@ class PriorityClassConfig(BaseModel):
     reserved_seqs: Annotated[int, Field(ge=0)] = 0
     """Engine slots that less urgent classes may never use, kept free for this class
     (and more urgent ones) so a slot is open the moment such a request arrives."""
+    reserved_kv: Annotated[float, Field(ge=0, lt=1, strict=False)] = 0.0
+    """Share of the KV capacity that less urgent classes may never reserve, as
+    `reserved_seqs` is for slots."""
     max_queue: Annotated[int, Field(ge=0)] = 1000
     """Requests of this class that may wait in the guard; beyond it, 503 at once."""
     max_wait_s: Annotated[float, Field(ge=0)] = 30.0
@@ -150,6 +169,13 @@ class GuardConfig(BaseModel):
         priorities = [c.vllm_priority for c in self.classes.values()]
         if len(set(priorities)) != len(priorities):
             raise _at(("classes",), "two classes share a vllm_priority; give each its own")
+        reserved_kv = sum(c.reserved_kv for c in self.classes.values())
+        if reserved_kv >= self.engine.kv_watermark:
+            raise _at(
+                ("classes",),
+                f"reserved_kv adds up to {reserved_kv:g}, which leaves the least urgent class "
+                f"no KV share below engine.kv_watermark={self.engine.kv_watermark:g}",
+            )
         reserved = sum(c.reserved_seqs for c in self.classes.values())
         if reserved >= self.engine.max_num_seqs:
             raise _at(
@@ -191,6 +217,9 @@ class PriorityClass:
     default_max_tokens: int = 1024
     wait_on_limit: bool = False
     fair_queueing: bool = True
+    kv_fraction: float = 0.9
+    """Share of the KV capacity this class may fill together with all others: the
+    watermark minus the shares reserved by more urgent classes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +235,7 @@ class Tenant:
 class CompiledConfig:
     source: str
     max_num_seqs: int
+    engine: EngineConfig
     guard: GuardSettings
     classes: tuple[PriorityClass, ...]
     """Most urgent first."""
@@ -221,6 +251,7 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
     ordered = sorted(cfg.classes.items(), key=lambda kv: kv[1].vllm_priority)
     classes: list[PriorityClass] = []
     reserved_above = 0
+    kv_reserved_above = 0.0
     for rank, (name, c) in enumerate(ordered):
         classes.append(
             PriorityClass(
@@ -234,9 +265,11 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
                 default_max_tokens=c.default_max_tokens,
                 wait_on_limit=(c.on_limit or ("reject" if rank == 0 else "wait")) == "wait",
                 fair_queueing=c.queueing == "fair",
+                kv_fraction=cfg.engine.kv_watermark - kv_reserved_above,
             )
         )
         reserved_above += c.reserved_seqs
+        kv_reserved_above += c.reserved_kv
     by_name = {c.name: c for c in classes}
 
     tenants: dict[str, Tenant] = {}
@@ -263,6 +296,7 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
     return CompiledConfig(
         source=source,
         max_num_seqs=cfg.engine.max_num_seqs,
+        engine=cfg.engine,
         guard=cfg.guard,
         classes=tuple(classes),
         classes_by_name=by_name,

@@ -52,6 +52,7 @@ class Stack:
         log_dir: Path | None = None,
         config_path: Path | None = None,
         key_vars: tuple[str, ...] = ("CHAT_UI_KEY", "ETL_KEY"),
+        vllm_args: tuple[str, ...] = (),
     ) -> None:
         self.port = port or free_port()
         self.vllm_port = free_port()
@@ -62,6 +63,7 @@ class Stack:
         self.proc: subprocess.Popen[bytes] | None = None
         env = {**os.environ, **self.keys}
         self.config_path = config_path
+        self.vllm_args = vllm_args
         self.config = load_config(config_path, env)
         self._env = env
 
@@ -81,6 +83,8 @@ class Stack:
         ]  # fmt: skip
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
+        if self.vllm_args:
+            cmd += ["--", *self.vllm_args]
         with open(self.guard_log, "ab") as out:
             self.proc = subprocess.Popen(cmd, env=self._env, stdout=out, stderr=subprocess.STDOUT)
 

@@ -42,9 +42,12 @@ class Gate:
         tenant: str = "",
         cost: float = 1.0,
         weight: float = 1.0,
+        kv: int = 0,
     ) -> Ticket:
         loop = asyncio.get_running_loop()
-        decision, ticket = self.admission.enter(priority_class, loop.time(), tenant, cost, weight)
+        decision, ticket = self.admission.enter(
+            priority_class, loop.time(), tenant, cost, weight, kv
+        )
         if decision is Decision.ADMITTED:
             return ticket
         if decision is Decision.QUEUE_FULL:
@@ -67,8 +70,7 @@ class Gate:
     def release(self, ticket: Ticket) -> None:
         """Give an admitted ticket's slot back and wake whoever it admits."""
         loop = asyncio.get_running_loop()
-        for admitted in self.admission.release(ticket, loop.time()):
-            _wake(admitted)
+        self.wake(self.admission.release(ticket, loop.time()))
 
     def _refusal(self, reason: RefusalReason, priority_class: PriorityClass) -> Refused:
         guess = self.admission.retry_after_s(priority_class)
@@ -88,7 +90,13 @@ class Gate:
         # The loop may run a timer up to its clock resolution early; allow for that.
         for ticket in self.admission.expire(loop.time() + _TIMER_SLACK_S):
             _wake(ticket)  # the waiter sees EXPIRED and raises
+        self.wake(self.admission.dispatch())
         self._arm(priority_class, loop)
+
+    def wake(self, admitted: list[Ticket]) -> None:
+        """Wake waiters the core admitted outside `release` (an engine update, an expiry)."""
+        for ticket in admitted:
+            _wake(ticket)
 
 
 _TIMER_SLACK_S = 1e-3

@@ -17,12 +17,13 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from vllm_guard.admission import Admission
 from vllm_guard.config import CompiledConfig
 from vllm_guard.engine import EngineState
+from vllm_guard.engine_metrics import EngineMonitor
 
 disable_created_metrics()  # the *_created series only add scrape weight
 
@@ -40,11 +41,12 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 
 
 class _StateCollector(Collector):
-    def __init__(self, admission: Admission, engine: EngineState) -> None:
+    def __init__(self, admission: Admission, engine: EngineState, monitor: EngineMonitor) -> None:
         self._admission = admission
         self._engine = engine
+        self._monitor = monitor
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         depth = GaugeMetricFamily(
             "vllm_guard_queue_depth", "Requests waiting in the guard for a slot.", labels=["class"]
         )
@@ -67,6 +69,56 @@ class _StateCollector(Collector):
         )
         restarts.add_metric([], self._engine.restarts)
         yield from (depth, in_flight, limit, up, restarts)
+        yield from self._kv()
+
+    def _kv(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        kv = self._admission.kv
+        reserved = GaugeMetricFamily(
+            "vllm_guard_kv_reserved_tokens",
+            "KV-cache tokens reserved by requests the guard admitted (prompt + completion "
+            "budget each, until they end).",
+        )
+        reserved.add_metric([], kv.reserved)
+        yield reserved
+        if kv.capacity is not None:
+            capacity = GaugeMetricFamily(
+                "vllm_guard_kv_capacity_tokens", "The engine's KV-cache capacity in tokens."
+            )
+            capacity.add_metric([], kv.capacity)
+            yield capacity
+        stale = GaugeMetricFamily(
+            "vllm_guard_engine_metrics_stale",
+            "1 while the engine's /metrics give no fresh KV reading (the guard then admits on "
+            "its own accounting, or holds batch, as engine.on_stale says).",
+        )
+        stale.add_metric([], 1.0 if self._monitor.stale else 0.0)
+        yield stale
+        sample = self._monitor.sample
+        if sample is None:
+            return
+        if sample.kv_usage is not None:
+            usage = GaugeMetricFamily(
+                "vllm_guard_engine_kv_usage_ratio",
+                "KV-cache usage the engine last reported (0-1), as the guard read it.",
+            )
+            usage.add_metric([], sample.kv_usage)
+            yield usage
+        requests = GaugeMetricFamily(
+            "vllm_guard_engine_requests",
+            "Requests in the engine as it last reported them, by state.",
+            labels=["state"],
+        )
+        for state, value in (("running", sample.running), ("waiting", sample.waiting)):
+            if value is not None:
+                requests.add_metric([state], value)
+        yield requests
+        if sample.preemptions is not None:
+            preemptions = CounterMetricFamily(
+                "vllm_guard_engine_preemptions",
+                "Preemptions the engine reported (vllm:num_preemptions_total).",
+            )
+            preemptions.add_metric([], sample.preemptions)
+            yield preemptions
 
 
 class GuardMetrics:
@@ -75,6 +127,7 @@ class GuardMetrics:
         config: CompiledConfig,
         admission: Admission,
         engine: EngineState,
+        monitor: EngineMonitor,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -115,10 +168,19 @@ class GuardMetrics:
         )
         self._rate_limited = Counter(
             "vllm_guard_rate_limited",
-            "Requests refused by a tenant limit, by tenant and dimension.",
-            ["tenant", "dimension"],
+            "Requests a tenant limit refused (action=rejected) or held back until the "
+            "tenant's budget allowed them (action=delayed), by tenant and dimension.",
+            ["tenant", "dimension", "action"],
             registry=self.registry,
         )
+        tenant_requests = Counter(
+            "vllm_guard_tenant_requests",
+            "Generation requests by tenant (after authentication): the denominator of the "
+            "rate-limit hit rate.",
+            ["tenant"],
+            registry=self.registry,
+        )
+        self._tenant_requests = {t: tenant_requests.labels(t) for t in config.tenants}
         names = [c.name for c in config.classes]
         self.outcome = {
             (name, outcome): requests.labels(name, outcome)
@@ -128,7 +190,7 @@ class GuardMetrics:
         self.queue_wait = {name: queue_wait.labels(name) for name in names}
         self._duration = {name: duration.labels(name) for name in names}
         self._ttft = {name: ttft.labels(name) for name in names}
-        self.registry.register(_StateCollector(admission, engine))
+        self.registry.register(_StateCollector(admission, engine, monitor))
 
     def count(self, class_name: str, outcome: str) -> None:
         self.outcome[class_name, outcome].inc()
@@ -142,8 +204,11 @@ class GuardMetrics:
         self._tokens.labels(tenant, "charged").inc(charged)
         self._tokens.labels(tenant, "used").inc(used)
 
-    def rate_limited(self, tenant: str, dimension: str) -> None:
-        self._rate_limited.labels(tenant, dimension).inc()
+    def request(self, tenant: str) -> None:
+        self._tenant_requests[tenant].inc()
+
+    def rate_limited(self, tenant: str, dimension: str, action: str = "rejected") -> None:
+        self._rate_limited.labels(tenant, dimension, action).inc()
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, bytes]:

@@ -15,6 +15,7 @@ import heapq
 import itertools
 import math
 from collections import deque
+from collections.abc import Callable
 
 from vllm_guard.quota import CONCURRENCY, Denied, Reservation, TenantQuota
 
@@ -31,8 +32,9 @@ class _Waiter:
 
 
 class QuotaGate:
-    def __init__(self, quota: TenantQuota) -> None:
+    def __init__(self, quota: TenantQuota, on_delay: Callable[[str], None] | None = None) -> None:
         self.quota = quota
+        self.on_delay = on_delay  # told the dimension each time a request has to wait
         self._waiters: deque[_Waiter] = deque()  # arrival order; done ones dropped lazily
         self._deadlines: list[tuple[float, int, _Waiter]] = []  # heap; done ones dropped lazily
         self._seq = itertools.count()
@@ -55,12 +57,15 @@ class QuotaGate:
             result = self.quota.try_reserve(tokens, now)
             if isinstance(result, Reservation) or not _worth_waiting(result, max_wait_s):
                 return result
+            denied: Denied | None = result
         else:
             denied = self.quota.check(tokens, now)
             if denied is not None and denied.retry_after_s == math.inf:
                 return denied  # waiting cannot help
             if self._live >= max_waiting:
                 return denied or self._head_denial(now)
+        if self.on_delay is not None:
+            self.on_delay((denied or self._head_denial(now)).dimension)
         waiter = _Waiter(tokens, now + max_wait_s, loop.create_future())
         self._waiters.append(waiter)
         heapq.heappush(self._deadlines, (waiter.deadline, next(self._seq), waiter))

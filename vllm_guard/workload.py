@@ -20,6 +20,8 @@ from typing import Any
 
 import aiohttp
 
+from vllm_guard.engine_metrics import EngineSample, parse_engine_metrics
+
 PROBE_MAX_TOKENS = 16
 PROBE_GAP_S = 0.1
 
@@ -214,3 +216,92 @@ def write_report(out: Path, name: str, result: dict[str, Any], markdown: str) ->
     (out / f"{name}.md").write_text(markdown)
     print(markdown)
     print(f"wrote {out / name}.json and .md")
+
+
+# -- KV pressure ------------------------------------------------------------------------
+
+
+@dataclass
+class KvFloodResult:
+    ok: int
+    failed: int
+    statuses: dict[int, int]
+    tokens: int
+    elapsed_s: float
+    preemptions: int
+    """New `vllm:num_preemptions_total` during the flood."""
+    waiting_max: int
+    running_max: int
+    timeline: list[tuple[float, float, int, int, int]]
+    """(s since start, KV usage, running, waiting, preemptions so far), one per sample."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+async def engine_sample(session: aiohttp.ClientSession, vllm_url: str) -> EngineSample:
+    async with session.get(vllm_url + "/metrics") as resp:
+        return parse_engine_metrics(await resp.text(), time.monotonic())
+
+
+async def kv_flood(
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    body: dict[str, Any],
+    n: int,
+    vllm_url: str,
+    sample_every_s: float = 0.1,
+) -> KvFloodResult:
+    """`n` identical completions at once to `url`, while vLLM's own /metrics (at
+    `vllm_url`, whichever path the flood takes) is sampled for preemptions and queues."""
+    before = await engine_sample(session, vllm_url)
+    statuses: dict[int, int] = {}
+    tokens = [0]
+    timeline: list[tuple[float, float, int, int, int]] = []
+    t0 = time.monotonic()
+
+    async def one() -> None:
+        try:
+            async with session.post(url + "/v1/completions", json=body, headers=headers) as resp:
+                data = await resp.read()
+                statuses[resp.status] = statuses.get(resp.status, 0) + 1
+                if resp.status == 200:
+                    tokens[0] += json.loads(data)["usage"]["completion_tokens"]
+        except (aiohttp.ClientError, TimeoutError):
+            statuses[0] = statuses.get(0, 0) + 1
+
+    async def sampler() -> None:
+        while True:
+            s = await engine_sample(session, vllm_url)
+            timeline.append(
+                (
+                    s.at - t0,
+                    s.kv_usage or 0.0,
+                    s.running or 0,
+                    s.waiting or 0,
+                    (s.preemptions or 0) - (before.preemptions or 0),
+                )
+            )
+            await asyncio.sleep(sample_every_s)
+
+    watcher = asyncio.create_task(sampler())
+    try:
+        await asyncio.gather(*(one() for _ in range(n)))
+        elapsed = time.monotonic() - t0
+        await asyncio.sleep(2 * sample_every_s)
+    finally:
+        watcher.cancel()
+    after = await engine_sample(session, vllm_url)
+    return KvFloodResult(
+        ok=statuses.get(200, 0),
+        failed=n - statuses.get(200, 0),
+        statuses=statuses,
+        tokens=tokens[0],
+        elapsed_s=elapsed,
+        preemptions=(after.preemptions or 0) - (before.preemptions or 0),
+        waiting_max=max((w for _, _, _, w, _ in timeline), default=0),
+        running_max=max((r for _, _, r, _, _ in timeline), default=0),
+        timeline=timeline,
+    )

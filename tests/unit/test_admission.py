@@ -1,5 +1,6 @@
 """The synchronous admission core, driven with a manual clock."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -232,3 +233,72 @@ def test_fifo_class_ignores_tenants():
     _, late = adm.enter(batch, 1.0, "trickle", cost=1)
     admitted = _release_all(adm, held)
     assert admitted == flood[:3] and late.state is TicketState.WAITING
+
+
+# -- KV-cache headroom ---------------------------------------------------------------------
+
+KV_CONFIG = BASE_CONFIG.replace(
+    "engine: {max_num_seqs: 4}", "engine: {max_num_seqs: 4, kv_watermark: 0.8}"
+).replace("reserved_seqs: 1,", "reserved_seqs: 1, reserved_kv: 0.2,")
+
+
+def _kv_setup(capacity=1000):
+    config = parse_config(KV_CONFIG, "test.yaml", KEYS)
+    inter, batch = config.classes
+    assert (inter.kv_fraction, batch.kv_fraction) == (0.8, 0.8 - 0.2)
+    return Admission(config.max_num_seqs, config.classes, kv_capacity=capacity), inter, batch
+
+
+def test_kv_headroom_admits_within_the_class_share_and_keeps_interactive_room():
+    adm, inter, batch = _kv_setup()  # batch may fill 600 tokens, interactive 800
+    first = adm.enter(batch, 0.0, kv=500)[1]
+    assert first.state is TicketState.ADMITTED
+    decision, second = adm.enter(batch, 0.0, kv=200)  # 700 > 600: waits though slots are free
+    assert decision is Decision.QUEUED
+    assert adm.enter(inter, 0.0, kv=300)[0] is Decision.ADMITTED  # 800 <= 800
+    assert adm.kv.reserved == 800
+    assert adm.kv_headroom(batch) == pytest.approx(-200)
+    assert adm.release(first, 1.0) == [second]
+    assert adm.kv.reserved == 500
+
+
+def test_engine_usage_counts_where_it_exceeds_the_guards_reservations():
+    adm, _inter, batch = _kv_setup()
+    held = adm.enter(batch, 0.0, kv=100)[1]
+    # Someone else's load: the engine reports 550 tokens in use, the guard holds 100.
+    assert adm.engine_update(550, None, False) == []
+    decision, waiting = adm.enter(batch, 0.0, kv=100)
+    assert decision is Decision.QUEUED
+    assert adm.engine_update(400, None, False) == [waiting]  # that load went away
+    assert adm.kv.reserved == 200
+    adm.release(held, 1.0)
+
+
+def test_a_head_that_does_not_fit_blocks_smaller_waiters_until_it_expires():
+    adm, _inter, batch = _kv_setup()
+    held = adm.enter(batch, 0.0, kv=400)[1]
+    big = adm.enter(batch, 0.0, kv=300)[1]
+    small = adm.enter(batch, 1.0, kv=10)[1]
+    assert (big.state, small.state) == (TicketState.WAITING, TicketState.WAITING)
+    assert adm.expire(60.0) == [big]  # big's deadline (0 + 60 s) passed, small's not yet
+    assert adm.dispatch() == [small]
+    adm.release(held, 61.0)
+
+
+def test_nothing_in_flight_admits_any_size_and_stale_hold_stops_batch_only():
+    adm, inter, batch = _kv_setup()
+    huge = adm.enter(batch, 0.0, kv=5000)[1]
+    assert huge.state is TicketState.ADMITTED  # or it could never run
+    adm.release(huge, 1.0)
+    adm.engine_update(None, None, hold_batch=True)
+    assert adm.enter(batch, 1.0, kv=1)[0] is Decision.QUEUED
+    assert adm.enter(inter, 1.0, kv=1)[0] is Decision.ADMITTED
+    assert len(adm.engine_update(None, None, hold_batch=False)) == 1
+
+
+def test_unknown_capacity_means_slots_alone_decide():
+    adm, _inter, batch = _kv_setup(capacity=None)
+    assert all(adm.enter(batch, 0.0, kv=10**6)[0] is Decision.ADMITTED for _ in range(3))
+    assert adm.kv_headroom(batch) == float("inf")
+    adm.engine_update(10**7, 50, False)  # a capacity arrives; the reading now counts
+    assert adm.kv.capacity == 50
