@@ -137,6 +137,7 @@ class EngineMonitor:
         self.text: bytes | None = None  # the last /metrics read, for /metrics/engine
         self.max_model_len: int | None = None
         self.stale = True
+        self._was_fresh = False
 
     def current(self, now: float) -> EngineSample | None:
         """The latest sample, or None when there is none younger than `stale_after_s`."""
@@ -176,7 +177,14 @@ class EngineMonitor:
                     self.fallback,
                 )
             else:
-                log.info("engine metrics fresh again")
+                assert current is not None
+                log.info(
+                    "engine metrics %s: KV capacity %s tokens, max_model_len %s",
+                    "fresh again" if self._was_fresh else "readable",
+                    current.kv_capacity_tokens,
+                    self.max_model_len,
+                )
+                self._was_fresh = True
         self.listener(None if stale else current)
 
 

@@ -181,6 +181,16 @@ class GuardMetrics:
             registry=self.registry,
         )
         self._tenant_requests = {t: tenant_requests.labels(t) for t in config.tenants}
+        # Start every series a limited tenant can have at 0, so rate() sees the first hit.
+        for name, tenant in config.tenants.items():
+            if tenant.limits is None:
+                continue
+            for dim in tenant.limits.dimensions():
+                for action in ("rejected", "delayed"):
+                    self._rate_limited.labels(name, dim, action)
+            if tenant.limits.counts_tokens:
+                for kind in ("charged", "used"):
+                    self._tokens.labels(name, kind)
         names = [c.name for c in config.classes]
         self.outcome = {
             (name, outcome): requests.labels(name, outcome)

@@ -105,6 +105,11 @@ class Limits:
     def counts_tokens(self) -> bool:
         return self.tokens_per_minute is not None or self.tokens_per_day is not None
 
+    def dimensions(self) -> list[str]:
+        """The dimensions this tenant is limited on."""
+        dims = [REQUESTS, TOKENS_MINUTE, TOKENS_DAY, CONCURRENCY]
+        return [d for d in dims if getattr(self, d) is not None]
+
     @property
     def empty(self) -> bool:
         return (

@@ -120,11 +120,12 @@ def _traffic(stack) -> None:
     stack.client("METERED_TOKENS_KEY").completions.create(model="tiny", prompt="x", max_tokens=4)
     metered = stack.client("METERED_KEY")
     refused = 0
-    for _ in range(6):  # one per 2 s is allowed: most of these are refused
+    for _ in range(10):  # one per 2 s is allowed; spread over scrapes, so rate() sees it
         try:
             metered.completions.create(model="tiny", prompt="x", max_tokens=1)
         except openai.RateLimitError:
             refused += 1
+        time.sleep(0.6)
     assert refused >= 4
 
 
@@ -152,7 +153,8 @@ def test_every_dashboard_query_returns_data_and_a_provoked_alert_fires(stack, pr
             and a["state"] == "firing"
         ]
         time.sleep(1)
-    assert firing, "VllmGuardRateLimitHitRateHigh did not fire for tenant metered"
+    rules = httpx.get(prometheus + "/api/v1/rules", timeout=10).json()
+    assert firing, f"VllmGuardRateLimitHitRateHigh did not fire for tenant metered: {rules}"
     # ... and the quiet ones do not: nothing is stale, the engine is up.
     names = {a["labels"]["alertname"] for a in alerts if a["state"] == "firing"}
     assert not names & {"VllmGuardEngineMetricsStale", "VllmGuardEngineDown"}

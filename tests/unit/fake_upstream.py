@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +25,9 @@ class FakeVllm:
         self.url = ""
         self.tokenize_calls = 0
         self.completion_tokens = 5  # tokens each fake answer "generates"
+        # /metrics: a real vLLM 0.32 scrape; set metrics_status to 500 to make it fail.
+        self.metrics_text = (Path(__file__).parent / "data" / "vllm_metrics.txt").read_text()
+        self.metrics_status = 200
 
     async def start(self) -> None:
         app = web.Application()
@@ -31,6 +35,7 @@ class FakeVllm:
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -54,7 +59,12 @@ class FakeVllm:
         return web.json_response({"count": self.prompt_tokens(await request.json())})
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "tiny"}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": "tiny", "max_model_len": 4096}]}
+        )
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.metrics_text, status=self.metrics_status)
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 
-from vllm_guard.engine_metrics import parse_engine_metrics
+from tests.conftest import KEYS
+from tests.unit.asgi import call
+from tests.unit.conftest import ready_app, until
+from vllm_guard.config import parse_config
+from vllm_guard.engine_metrics import EngineMonitor, EngineSample, parse_engine_metrics
+from vllm_guard.metrics import render
 
 REAL = (Path(__file__).parent / "data" / "vllm_metrics.txt").read_text()  # vLLM 0.32 (CPU)
 
@@ -58,3 +65,61 @@ def test_missing_or_garbled_series_are_none():
     )
     assert s.kv_usage is None and s.kv_capacity_tokens is None and s.kv_used_tokens is None
     assert parse_engine_metrics("", at=0.0).running is None
+
+
+async def test_monitor_reads_then_goes_stale_and_says_so(fake, caplog):
+    seen: list[EngineSample | None] = []
+    monitor = EngineMonitor(fake.url, seen.append, interval_s=0.02, stale_after_s=0.2)
+    task = asyncio.create_task(monitor.run())
+    try:
+        await until(lambda: seen and seen[-1] is not None)
+        assert monitor.max_model_len == 4096
+        assert seen[-1].kv_capacity_tokens == 2097152
+        assert not monitor.stale
+        assert monitor.text is not None and b"vllm:kv_cache_usage_perc" in monitor.text
+        fake.metrics_status = 500
+        with caplog.at_level(logging.WARNING, "vllm_guard.engine_metrics"):
+            await until(lambda: monitor.stale)
+        assert seen[-1] is None
+        assert "engine metrics stale" in caplog.text
+        fake.metrics_status = 200
+        await until(lambda: not monitor.stale)
+    finally:
+        task.cancel()
+
+
+KV_APP_CONFIG = """
+engine: {max_num_seqs: 4, kv_watermark: 0.9}
+classes:
+  interactive: {vllm_priority: 0, max_wait_s: 5}
+tenants:
+  chat-ui: {class: interactive, api_keys: ["env:CHAT_UI_KEY"]}
+"""
+
+
+async def test_app_admits_by_kv_headroom_and_tokenizes_only_when_the_bound_does_not_fit(fake):
+    app = ready_app(parse_config(KV_APP_CONFIG, "kv.yaml", KEYS), fake)
+    small = EngineSample(at=0.0, kv_capacity_tokens=1000, kv_usage=0.0)
+    app.engine_sample(small)
+    fake.mode = "hang"
+    chat = {"Authorization": "Bearer chat-secret"}
+    first = asyncio.create_task(
+        call(app, "POST", "/v1/completions", chat, {"prompt": "a", "max_tokens": 700})
+    )
+    await until(lambda: fake.active == 1)
+    assert fake.tokenize_calls == 0  # 1 + 16 + 700 fits 900: the bound was enough
+    assert app.admission.kv.reserved == 717
+    second = asyncio.create_task(
+        call(app, "POST", "/v1/completions", chat, {"prompt": "b", "max_tokens": 300})
+    )
+    await until(lambda: app.admission.statistics()[0].queued == 1)
+    assert fake.tokenize_calls == 1  # the bound (317) did not fit; exact 301 does not either
+    assert fake.active == 1  # slots are free: KV alone holds it back
+    body, _ = render(app.metrics.registry)
+    assert b"vllm_guard_kv_reserved_tokens 717.0" in body
+    fake.mode = "ok"
+    fake.release.set()
+    assert (await first).status == 200
+    assert (await second).status == 200
+    assert app.admission.kv.reserved == 0
+    await app.upstream.close()
