@@ -1,4 +1,4 @@
-"""`vllm-guard`: serve, proxy, check-config, demo."""
+"""`vllm-guard`: serve, proxy, check-config, demo, batch."""
 
 from __future__ import annotations
 
@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--probes", type=int, default=30, help="interactive probes per phase")
     d.add_argument("--port", type=int, default=0, help="guard port (default: a free one)")
     d.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+
+    from vllm_guard.batch import add_parser
+
+    add_parser(sub)
     return p
 
 
@@ -108,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vllm_guard.demo import run_demo
 
         return run_demo(args)
+    if args.command == "batch":
+        from vllm_guard.batch import main_batch
+
+        return main_batch(args)
 
     try:
         config = load_config(args.config if args.command != "check-config" else args.file)
@@ -117,13 +125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "check-config":
         print(f"{config.source}: OK")
-        print(f"engine: max_num_seqs={config.max_num_seqs}")
+        eng = config.engine
+        print(
+            f"engine: max_num_seqs={config.max_num_seqs} kv_admission={eng.kv_admission} "
+            f"kv_watermark={eng.kv_watermark:g} on_stale={eng.on_stale}"
+        )
         for c in config.classes:
             print(
                 f"class {c.name}: vllm_priority={c.vllm_priority} slot_limit={c.slot_limit} "
                 f"max_queue={c.max_queue} max_wait_s={c.max_wait_s:g} "
                 f"queueing={'fair' if c.fair_queueing else 'fifo'} "
-                f"on_limit={'wait' if c.wait_on_limit else 'reject'}"
+                f"on_limit={'wait' if c.wait_on_limit else 'reject'} "
+                f"kv_fraction={c.kv_fraction:g}"
             )
         for t in config.tenants.values():
             print(

@@ -26,6 +26,7 @@ KEYS = {
     "METERED_TOKENS_KEY": "it-metered-tokens-key-1e4a",
     "BULK_FLOOD_KEY": "it-bulk-flood-key-c3b2",
     "BULK_TRICKLE_KEY": "it-bulk-trickle-key-90fe",
+    "BATCH_RUNNER_KEY": "it-batch-runner-key-4d2a",
 }
 STARTUP_TIMEOUT_S = 600
 
