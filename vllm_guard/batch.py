@@ -296,38 +296,6 @@ async def run_batch(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: Any) -> None:
-    b = sub.add_parser(
-        "batch",
-        help="run an OpenAI Batch API file (JSONL) through the rate-limited client",
-        description=__doc__.split("\n\n", 2)[2] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    b.add_argument("input", type=Path, help="input JSONL (custom_id, method, url, body)")
-    b.add_argument("-o", "--output", type=Path, required=True, help="output JSONL (appended)")
-    b.add_argument("--base-url", default="http://127.0.0.1:8000", help="server (default guard)")
-    b.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY)")
-    b.add_argument(
-        "--class",
-        dest="priority_class",
-        default="batch",
-        help="x-vllm-guard-class to send (default batch; '' for none)",
-    )
-    b.add_argument("--model", help="override every body's model")
-    b.add_argument("--workers", type=int, default=32, help="most requests in flight (default 32)")
-    b.add_argument("--rpm", type=float, help="local requests/min limit (default: learned)")
-    b.add_argument("--tpm", type=float, help="local tokens/min limit (default: learned)")
-    b.add_argument("--max-attempts", type=int, default=8, help="per request (default 8)")
-    b.add_argument(
-        "--retry-failed",
-        action="store_true",
-        help="on resume, drop the output's failure records and run those lines again",
-    )
-    b.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="no live progress line"
-    )
-
-
 def main_batch(args: argparse.Namespace) -> int:
     if not args.input.is_file():
         print(f"vllm-guard batch: {args.input}: no such file", file=sys.stderr)

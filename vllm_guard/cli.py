@@ -1,4 +1,4 @@
-"""`vllm-guard`: serve, proxy, check-config, demo, batch."""
+"""`vllm-guard`: serve, proxy, check-config, demo, batch, tune."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from vllm_guard import __version__
 from vllm_guard.config import ConfigError, Tenant, load_config
@@ -88,10 +89,85 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=0, help="guard port (default: a free one)")
     d.add_argument("--json", type=Path, help="also write the results as JSON to this file")
 
-    from vllm_guard.batch import add_parser
-
-    add_parser(sub)
+    _add_batch_parser(sub)
+    _add_tune_parser(sub)
     return p
+
+
+_BATCH_DESCRIPTION = """\
+Run an OpenAI Batch API file (JSONL: custom_id, method POST, url /v1/chat/completions or
+/v1/completions, body) through vllm_guard.client: local rate limits learned from the
+server's x-ratelimit-* headers, retries at exactly retry-after-ms, adaptive concurrency.
+
+The input is checked first: every bad line (not JSON, missing field, other method or url,
+duplicate custom_id) is reported with its number and nothing is sent (exit 2). The output
+has one line per input line, exactly once, in OpenAI's batch output format; failures are
+records with `error` set (and the server's error body in `response` when there was one).
+Re-running with the same output resumes: lines already there are skipped, a torn last
+line is cut off. Exit 0 when every line succeeded, 1 when any failed or was not done."""
+
+
+def _add_batch_parser(sub: Any) -> None:
+    # Defined here, not in batch.py: importing that module imports httpx (and ssl), which
+    # must not happen before `tune` lets gevent patch the standard library.
+    b = sub.add_parser(
+        "batch",
+        help="run an OpenAI Batch API file (JSONL) through the rate-limited client",
+        description=_BATCH_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("input", type=Path, help="input JSONL (custom_id, method, url, body)")
+    b.add_argument("-o", "--output", type=Path, required=True, help="output JSONL (appended)")
+    b.add_argument("--base-url", default="http://127.0.0.1:8000", help="server (default guard)")
+    b.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY)")
+    b.add_argument(
+        "--class",
+        dest="priority_class",
+        default="batch",
+        help="x-vllm-guard-class to send (default batch; '' for none)",
+    )
+    b.add_argument("--model", help="override every body's model")
+    b.add_argument("--workers", type=int, default=32, help="most requests in flight (default 32)")
+    b.add_argument("--rpm", type=float, help="local requests/min limit (default: learned)")
+    b.add_argument("--tpm", type=float, help="local tokens/min limit (default: learned)")
+    b.add_argument("--max-attempts", type=int, default=8, help="per request (default 8)")
+    b.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="on resume, drop the output's failure records and run those lines again",
+    )
+    b.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no live progress line"
+    )
+
+
+def _add_tune_parser(sub: Any) -> None:
+    t = sub.add_parser(
+        "tune",
+        help="Locust capacity sweep against a running stack; writes a tuned limits.yaml",
+        description="Hold a fixed interactive load, ramp batch users step by step, record "
+        "interactive TTFT, batch tokens/s, queue depths and KV use at each step, stop at the "
+        "knee, and write limits.yaml (batch tenant max_concurrent and tokens_per_minute, "
+        "interactive reserved_seqs) that keeps TTFT p95 under --objective-ms, with a report "
+        "and plots. --measure N runs one step at N batch users, to check tuned limits.",
+    )
+    t.add_argument("--url", default="http://127.0.0.1:8000", help="the guard (default loopback)")
+    t.add_argument("--config", type=Path, required=True, help="the limits file the stack runs")
+    t.add_argument("--interactive-key", required=True, help="an interactive tenant's key")
+    t.add_argument("--batch-key", required=True, help="the batch tenant's key (to be tuned)")
+    t.add_argument("--objective-ms", type=float, required=True, help="interactive TTFT p95 goal")
+    t.add_argument("--interactive-users", type=int, default=4, help="fixed (default 4)")
+    t.add_argument("--interactive-wait", default="0.2,0.5", help="think time min,max in s")
+    t.add_argument(
+        "--batch-steps", default="2,4,8,12,16,24,32", help="batch users per step (default "
+        "2,4,8,12,16,24,32)"
+    )  # fmt: skip
+    t.add_argument("--batch-max-tokens", type=int, default=256, help="per batch request")
+    t.add_argument("--step-s", type=float, default=30.0, help="measured seconds per step")
+    t.add_argument("--warmup-s", type=float, default=5.0, help="unmeasured seconds per step")
+    t.add_argument("--model", default="tiny", help="model name in the requests")
+    t.add_argument("--measure", type=int, metavar="N", help="one step at N batch users")
+    t.add_argument("--out", type=Path, default=Path("results/tune"), help="output folder")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vllm_guard.demo import run_demo
 
         return run_demo(args)
+    if args.command == "tune":
+        from vllm_guard.tune import main_tune  # patches the standard library for gevent
+
+        return main_tune(args)
     if args.command == "batch":
         from vllm_guard.batch import main_batch
 

@@ -5,7 +5,7 @@ What it does before and after each request, so a batch job cannot hammer a serve
 - **Local limits before sending**: requests/min and tokens/min token buckets (the guard's
   own `TokenBucket`, on the loop's clock) and a concurrency cap. Set them explicitly, or
   let the client learn them from the server's `x-ratelimit-limit-*` headers as responses
-  arrive (and lower its buckets to `x-ratelimit-remaining-*`, which the server knows better).
+  arrive (starting from `x-ratelimit-remaining-*` when it learns or a limit changes).
 - **Retries** only for what is retryable — statuses 429, 502, 503, 504 and connection
   errors and timeouts (by exception type, never by message text). The wait is exactly the
   server's `retry-after-ms` (else `retry-after` seconds) when it sends one, else
@@ -317,11 +317,14 @@ class LimitedClient:
             if limit is None or limit <= 0:
                 continue
             bucket = self._buckets.get(name)
-            if bucket is None or not math.isclose(bucket.rate * 60, limit):
-                bucket = self._set_bucket(name, limit, now)
+            if bucket is not None and math.isclose(bucket.rate * 60, limit):
+                continue
+            bucket = self._set_bucket(name, limit, now)
+            # Start from what the server says is left. Only then: the header describes the
+            # moment this request was charged, so applying it later would count requests
+            # in flight twice (the client holds their reservations already).
             remaining = _number(headers.get(f"x-ratelimit-remaining-{name}"))
             if remaining is not None:
-                bucket.refill(now)
                 bucket.level = min(bucket.level, remaining)
 
     def _set_bucket(self, name: str, per_minute: float, now: float = -math.inf) -> TokenBucket:
