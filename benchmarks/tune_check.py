@@ -49,7 +49,8 @@ def _tune(stack: Stack, config: Path, out: Path, args: argparse.Namespace, *extr
         "--interactive-users", str(args.interactive_users), "--batch-steps", args.steps,
         "--step-s", str(args.step_s), "--warmup-s", "5", "--out", str(out), *extra,
     ]  # fmt: skip
-    print("$ vllm-guard tune", " ".join(cmd[4:]), flush=True)
+    shown = ["***" if arg in stack.keys.values() else arg for arg in cmd[4:]]
+    print("$ vllm-guard tune", " ".join(shown), flush=True)  # keys masked
     return subprocess.run(cmd, env={**os.environ, **stack.keys}, check=False).returncode
 
 

@@ -118,7 +118,7 @@ class InteractiveUser(_Base):
                     first = time.perf_counter()
             resp.success()
         if first is not None:
-            events.request.fire(
+            self.environment.events.request.fire(
                 request_type=TTFT,
                 name="interactive",
                 response_time=(first - start) * 1000,
