@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 # name -> (script arguments, summary line from its JSON)
 SUITE: dict[str, tuple[list[str], Callable[[dict[str, Any]], str]]] = {
     "isolation": (
-        ["--reps", "1", "--probes", "30"],
+        ["--reps", "2", "--probes", "20"],
         lambda r: (
             f"interactive TTFT p95 under a 200-stream flood {r['isolation_ratio']:.1f}× alone "
             f"through the guard vs {r['direct_degradation']:.0f}× direct; batch tokens/s "
