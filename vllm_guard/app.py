@@ -33,11 +33,11 @@ from vllm_guard.config import CompiledConfig, PriorityClass, Tenant
 from vllm_guard.engine import EngineState
 from vllm_guard.engine_metrics import EngineMonitor, EngineSample
 from vllm_guard.estimate import (
+    HEURISTIC_BYTES_PER_TOKEN,
     Estimate,
     UsageTap,
     completion_budget,
     estimate,
-    heuristic_prompt_tokens,
     prompt_token_bound,
     usage_total,
 )
@@ -302,8 +302,8 @@ class GuardApp:
                 guard_headers += _ratelimit_headers(quota.quota, charged_at)
                 quota_ms = (charged_at - usage.arrived) * 1000
                 guard_headers.append((_QUOTA_HEADER, f"{quota_ms:.1f}".encode()))
-            cost = _fair_cost(path, payload, est, priority_class)
-            kv = await self._kv_tokens(path, payload, est, priority_class)
+            cost = _fair_cost(len(body), payload, est, priority_class)
+            kv = await self._kv_tokens(path, payload, len(body), est, priority_class)
             await self._admit_and_forward(
                 send, path, body, forwarded, tenant, (cost, kv), priority_class, stream,
                 guard_headers, usage,
@@ -346,7 +346,12 @@ class GuardApp:
         )
 
     async def _kv_tokens(
-        self, path: str, payload: dict[str, Any], est: Estimate, priority_class: PriorityClass
+        self,
+        path: str,
+        payload: dict[str, Any],
+        body_bytes: int,
+        est: Estimate,
+        priority_class: PriorityClass,
     ) -> int:
         """KV-cache tokens the request reserves: its prompt + completion budget, capped at
         the model's max_model_len. The prompt is counted exactly (vLLM's /tokenize) only
@@ -358,7 +363,7 @@ class GuardApp:
         if est.total and est.exact_prompt:  # already counted for the tenant's quota
             prompt = est.prompt_tokens
         else:
-            prompt = prompt_token_bound(path, payload)
+            prompt = prompt_token_bound(path, payload, body_bytes)
             if prompt + completion > self.admission.kv_headroom(priority_class):
                 up = self.upstream
                 exact = await estimate(
@@ -569,15 +574,15 @@ async def _read_body(receive: Any, limit: int) -> bytes | object | None:
 
 
 def _fair_cost(
-    path: str, payload: dict[str, Any], est: Estimate, priority_class: PriorityClass
+    body_bytes: int, payload: dict[str, Any], est: Estimate, priority_class: PriorityClass
 ) -> float:
     """Fair-queueing cost: prompt tokens x1 + completion tokens x2 (decode steps cost more
-    than prefill). Tenants without token limits were not tokenized: the heuristic stands in
-    (fairness needs proportions, not exact counts)."""
+    than prefill). Tenants without token limits were not tokenized: a quarter of the body's
+    bytes stands in for the prompt (fairness needs proportions, not exact counts)."""
     if est.total:
         return est.prompt_tokens + 2 * est.completion_tokens
     completion = completion_budget(payload, priority_class.default_max_tokens)
-    return heuristic_prompt_tokens(path, payload) + 2 * completion
+    return body_bytes / HEURISTIC_BYTES_PER_TOKEN + 2 * completion
 
 
 def _asked_for_usage(payload: dict[str, Any]) -> bool:

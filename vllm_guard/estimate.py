@@ -69,21 +69,20 @@ BOUND_TOKENS_PER_MESSAGE = 16
 BOUND_TOKENS_PER_PROMPT = 16
 
 
-def prompt_token_bound(path: str, payload: dict[str, Any]) -> int:
-    """An upper bound on the prompt's tokens, computed without a tokenizer: a token of a
-    byte-level or SentencePiece tokenizer covers at least one byte of text, so the text's
-    UTF-8 length (for chat: of the messages as JSON, whose keys and quotes stand in for the
-    template's text) plus a margin per message for special tokens bounds the count."""
+def prompt_token_bound(path: str, payload: dict[str, Any], body_bytes: int) -> int:
+    """An upper bound on the prompt's tokens without a tokenizer: a token of a byte-level
+    or SentencePiece tokenizer covers at least one byte of text, and the request's JSON
+    body (`body_bytes` long) holds every byte of the prompt text — escaped, never shorter —
+    so its length plus a margin per message for the template's special tokens bounds the
+    count. Costs nothing: the body is already serialized."""
     if path.endswith("/chat/completions"):
         messages = payload.get("messages")
         n_messages = len(messages) if isinstance(messages, list) else 1
-        text = json.dumps(messages, ensure_ascii=False)
-        return _utf8_len(text) + BOUND_TOKENS_PER_MESSAGE * n_messages + BOUND_TOKENS_PER_PROMPT
+        return body_bytes + BOUND_TOKENS_PER_MESSAGE * n_messages + BOUND_TOKENS_PER_PROMPT
     prompt = payload.get("prompt")
     if isinstance(prompt, list) and all(type(t) is int for t in prompt):
         return len(prompt)
-    text = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
-    return _utf8_len(text) + BOUND_TOKENS_PER_PROMPT
+    return body_bytes + BOUND_TOKENS_PER_PROMPT
 
 
 def _utf8_len(text: str) -> int:

@@ -44,6 +44,7 @@ def _uvicorn_server(app: GuardApp, host: str, port: int) -> uvicorn.Server:
         lifespan="on",
         access_log=False,
         server_header=False,
+        proxy_headers=False,  # the guard reads no X-Forwarded-*; skips a middleware hop
         log_level="warning",
         timeout_graceful_shutdown=math.ceil(app.config.guard.drain_timeout_s),
         backlog=4096,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 
@@ -107,16 +108,18 @@ async def test_app_admits_by_kv_headroom_and_tokenizes_only_when_the_bound_does_
         call(app, "POST", "/v1/completions", chat, {"prompt": "a", "max_tokens": 700})
     )
     await until(lambda: fake.active == 1)
-    assert fake.tokenize_calls == 0  # 1 + 16 + 700 fits 900: the bound was enough
-    assert app.admission.kv.reserved == 717
+    assert fake.tokenize_calls == 0  # body bytes + 16 + 700 fits 900: the bound was enough
+    forwarded = len(json.dumps(fake.requests[0][1], separators=(",", ":")))
+    bound = forwarded + 16 + 700
+    assert app.admission.kv.reserved == bound
     second = asyncio.create_task(
         call(app, "POST", "/v1/completions", chat, {"prompt": "b", "max_tokens": 300})
     )
     await until(lambda: app.admission.statistics()[0].queued == 1)
-    assert fake.tokenize_calls == 1  # the bound (317) did not fit; exact 301 does not either
+    assert fake.tokenize_calls == 1  # its bound did not fit; the exact 1 + 300 does not either
     assert fake.active == 1  # slots are free: KV alone holds it back
     body, _ = render(app.metrics.registry)
-    assert b"vllm_guard_kv_reserved_tokens 717.0" in body
+    assert f"vllm_guard_kv_reserved_tokens {bound}.0".encode() in body
     fake.mode = "ok"
     fake.release.set()
     assert (await first).status == 200
