@@ -196,11 +196,12 @@ class LimitedClient:
         started = loop.time()
         cost = heuristic_prompt_tokens(path, body) + completion_budget(body, 256)
         last: Response | BaseException | None = None
+        retry: RetryEvent | None = None  # this call's pending retry, if any
         for attempt in range(1, self.max_attempts + 1):
             held = await self._acquire(cost)
             self.stats.requests += 1
-            if self.stats.retry_log and attempt > 1:
-                self.stats.retry_log[-1].sent_at = loop.time()
+            if retry is not None:
+                retry.sent_at = loop.time()
             sent = loop.time()
             try:
                 resp = await self._http.post(path, json=body)
@@ -230,7 +231,8 @@ class LimitedClient:
             if attempt == self.max_attempts:
                 break
             self.stats.retries += 1
-            self.stats.retry_log.append(RetryEvent(status, loop.time(), advertised, delay))
+            retry = RetryEvent(status, loop.time(), advertised, delay)
+            self.stats.retry_log.append(retry)
             self.stats.retrying += 1
             try:
                 await self._sleep(delay)

@@ -113,3 +113,19 @@ async def test_concurrency_halves_on_overload_and_grows_back():
         for _ in range(40):
             await c.post("/v1/completions", BODY)
         assert c.concurrency_limit > 4
+
+
+async def test_each_retry_is_logged_against_its_own_call():
+    """With calls interleaving, every retry's send time belongs to its own refusal."""
+    script = Script(
+        (429, {"retry-after-ms": "80"}),
+        (429, {"retry-after-ms": "20"}),
+        (429, {"retry-after-ms": "50"}),
+    )
+    transport = httpx.MockTransport(script)
+    async with LimitedClient("http://t", transport=transport, initial_concurrency=8) as c:
+        await asyncio.gather(*(c.post("/v1/completions", BODY) for _ in range(3)))
+    events = list(c.stats.retry_log)
+    assert sorted(e.advertised_s for e in events) == [0.02, 0.05, 0.08]
+    for e in events:
+        assert e.sent_at - e.refused_at >= e.advertised_s - 0.001
