@@ -35,7 +35,7 @@ import httpx
 
 from vllm_guard.batch import Runner, _parse_lines
 from vllm_guard.client import LimitedClient
-from vllm_guard.demo import Stack
+from vllm_guard.demo import running_stack
 from vllm_guard.workload import write_report
 
 TPM = 6000
@@ -133,16 +133,11 @@ def audit(src: Path, out: Path, naive_format: bool) -> dict[str, int]:
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(CONFIG)
     work = Path(tempfile.mkdtemp(prefix="batch-client-"))
     src = work / "in.jsonl"
     write_input(src, args.items)
-    stack = Stack(config_path=Path(f.name))
-    stack.start()
     result: dict[str, Any] = {}
-    try:
-        await stack.wait_ready()
+    async with running_stack(CONFIG) as stack:
         key = stack.keys["ETL_KEY"]
         persistent = functools.partial(naive, attempts=10_000)
         for name, fn in (("naive", naive), ("naive, retrying until done", persistent),
@@ -160,9 +155,6 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 "wasted": counts["rate_limited"],
             }
             print(f"{name}: {result[name]}", flush=True)
-    finally:
-        stack.stop()
-        os.unlink(f.name)
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cpus": os.cpu_count(),

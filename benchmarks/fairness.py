@@ -18,14 +18,13 @@ import argparse
 import asyncio
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from vllm_guard.demo import Stack
+from vllm_guard.demo import Stack, running_stack
 from vllm_guard.workload import percentile, write_report
 
 CONFIG = """
@@ -119,19 +118,11 @@ def _markdown(result: dict[str, Any]) -> str:
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(CONFIG)
-    stack = Stack(config_path=Path(f.name), key_vars=KEY_VARS)
-    stack.start()
-    try:
-        await stack.wait_ready()
+    async with running_stack(CONFIG, key_vars=KEY_VARS) as stack:
         fair = await _phase(stack, "fair", args)
         print(f"fair: B p95 {fair['trickle_wait_p95_s'] * 1000:.0f} ms", flush=True)
         fifo = await _phase(stack, "fifo", args)
         print(f"fifo: B p95 {fifo['trickle_wait_p95_s'] * 1000:.0f} ms", flush=True)
-    finally:
-        stack.stop()
-        os.unlink(f.name)
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cpus": os.cpu_count(),

@@ -23,7 +23,6 @@ import asyncio
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,13 +30,14 @@ from typing import Any
 
 import aiohttp
 
-from vllm_guard.demo import Stack
+from vllm_guard.demo import Stack, running_stack
 from vllm_guard.plots import timelines
 from vllm_guard.workload import KvFloodResult, kv_flood, new_session, write_report
 
 BLOCKS = 40
 BLOCK_SIZE = 128  # vLLM's CPU backend
 MAX_MODEL_LEN = 1024  # vLLM refuses to start when one sequence of max_model_len cannot fit
+VLLM_ARGS = ("--num-gpu-blocks-override", str(BLOCKS), "--max-model-len", str(MAX_MODEL_LEN))
 CONFIG = """
 engine: {max_num_seqs: 16, kv_watermark: 0.9}
 classes:
@@ -141,19 +141,8 @@ def plot(result: dict[str, Any], out: Path) -> Path:
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(CONFIG)
-    stack = Stack(
-        config_path=Path(f.name),
-        vllm_args=("--num-gpu-blocks-override", str(BLOCKS), "--max-model-len", str(MAX_MODEL_LEN)),
-    )
-    stack.start()
-    try:
-        await stack.wait_ready()
+    async with running_stack(CONFIG, vllm_args=VLLM_ARGS) as stack:
         result = await compare(stack, args.requests, args.prompt_tokens, args.max_tokens)
-    finally:
-        stack.stop()
-        os.unlink(f.name)
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cpus": os.cpu_count(),

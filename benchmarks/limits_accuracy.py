@@ -31,14 +31,13 @@ import platform
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from vllm_guard.demo import Stack
+from vllm_guard.demo import Stack, running_stack
 from vllm_guard.workload import new_session, write_report
 
 LIMITS = {"rpm": 300, "rpm_burst": 10, "tpm": 24000, "tpm_burst": 3000, "concurrent": 8}
@@ -281,19 +280,11 @@ def _markdown(result: dict[str, Any]) -> str:
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(CONFIG.format(probe_rpm=PROBE_RPM, **LIMITS))
-    stack = Stack(config_path=Path(f.name))
-    stack.start()
-    try:
-        await stack.wait_ready()
+    async with running_stack(CONFIG.format(probe_rpm=PROBE_RPM, **LIMITS)) as stack:
         print("stack ready; accuracy run", flush=True)
         accuracy = await _accuracy(stack, args)
         print("retry-after trials", flush=True)
         retry = await _retry_after(stack, args.trials)
-    finally:
-        stack.stop()
-        os.unlink(f.name)
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cpus": os.cpu_count(),

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,24 @@ class Stack:
             {"Authorization": f"Bearer {self.keys['ETL_KEY']}"},
         )
         return direct, guard
+
+
+@contextlib.asynccontextmanager
+async def running_stack(config_text: str, **kw: Any) -> AsyncIterator[Stack]:
+    """A ready `vllm-guard serve --model tiny` with `config_text` as its limits file
+    (keyword arguments go to `Stack`); stopped, and the file removed, on the way out."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(config_text)
+    try:
+        stack = Stack(config_path=Path(f.name), **kw)
+        stack.start()
+        try:
+            await stack.wait_ready()
+            yield stack
+        finally:
+            stack.stop()
+    finally:
+        os.unlink(f.name)
 
 
 async def measure(

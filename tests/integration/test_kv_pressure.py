@@ -10,34 +10,18 @@ The workload is benchmarks/kv_pressure.py's, at a smaller size.
 from __future__ import annotations
 
 import asyncio
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from benchmarks.kv_pressure import BLOCK_SIZE, BLOCKS, CONFIG, MAX_MODEL_LEN, compare
-from vllm_guard.demo import Stack
+from benchmarks.kv_pressure import BLOCK_SIZE, BLOCKS, CONFIG, VLLM_ARGS, compare
+from vllm_guard.demo import running_stack
 
 pytestmark = pytest.mark.integration
 
 
 async def _run() -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(CONFIG)
-    stack = Stack(
-        config_path=Path(f.name),
-        vllm_args=(
-            "--num-gpu-blocks-override", str(BLOCKS), "--max-model-len", str(MAX_MODEL_LEN),
-            "--enforce-eager",
-        ),
-    )  # fmt: skip
-    stack.start()
-    try:
-        await stack.wait_ready()
+    async with running_stack(CONFIG, vllm_args=(*VLLM_ARGS, "--enforce-eager")) as stack:
         return await compare(stack, n=24, prompt_tokens=550, max_tokens=300)
-    finally:
-        stack.stop()
-        Path(f.name).unlink()
 
 
 def test_guard_absorbs_kv_overload_that_makes_vllm_preempt():
