@@ -301,9 +301,7 @@ class Admission:
         kv = self.kv
         if kv.hold_batch and spec.rank > 0:
             return False
-        if kv.capacity is None or self.in_flight == 0:
-            return True
-        return kv.used() + ticket.kv <= kv.capacity * spec.kv_fraction
+        return self.in_flight == 0 or ticket.kv <= self.kv_headroom(spec)
 
     def _nobody_waiting_up_to(self, rank: int) -> bool:
         return all(s.queued == 0 for s in self._classes[: rank + 1])

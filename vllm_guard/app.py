@@ -302,8 +302,13 @@ class GuardApp:
                 guard_headers += _ratelimit_headers(quota.quota, charged_at)
                 quota_ms = (charged_at - usage.arrived) * 1000
                 guard_headers.append((_QUOTA_HEADER, f"{quota_ms:.1f}".encode()))
-            cost = _fair_cost(len(body), payload, est, priority_class)
-            kv = await self._kv_tokens(path, payload, len(body), est, priority_class)
+            completion = (
+                est.completion_tokens
+                if est.total
+                else completion_budget(payload, priority_class.default_max_tokens)
+            )
+            cost = _fair_cost(len(body), est, completion)
+            kv = await self._kv_tokens(path, payload, len(body), est, completion, priority_class)
             await self._admit_and_forward(
                 send, path, body, forwarded, tenant, (cost, kv), priority_class, stream,
                 guard_headers, usage,
@@ -351,6 +356,7 @@ class GuardApp:
         payload: dict[str, Any],
         body_bytes: int,
         est: Estimate,
+        completion: int,
         priority_class: PriorityClass,
     ) -> int:
         """KV-cache tokens the request reserves: its prompt + completion budget, capped at
@@ -359,7 +365,6 @@ class GuardApp:
         headroom reserves the bound and costs nothing extra."""
         if self.admission.kv.capacity is None:
             return 0
-        completion = completion_budget(payload, priority_class.default_max_tokens)
         if est.total and est.exact_prompt:  # already counted for the tenant's quota
             prompt = est.prompt_tokens
         else:
@@ -573,16 +578,12 @@ async def _read_body(receive: Any, limit: int) -> bytes | object | None:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _fair_cost(
-    body_bytes: int, payload: dict[str, Any], est: Estimate, priority_class: PriorityClass
-) -> float:
+def _fair_cost(body_bytes: int, est: Estimate, completion: int) -> float:
     """Fair-queueing cost: prompt tokens x1 + completion tokens x2 (decode steps cost more
     than prefill). Tenants without token limits were not tokenized: a quarter of the body's
     bytes stands in for the prompt (fairness needs proportions, not exact counts)."""
-    if est.total:
-        return est.prompt_tokens + 2 * est.completion_tokens
-    completion = completion_budget(payload, priority_class.default_max_tokens)
-    return body_bytes / HEURISTIC_BYTES_PER_TOKEN + 2 * completion
+    prompt = est.prompt_tokens if est.total else body_bytes / HEURISTIC_BYTES_PER_TOKEN
+    return prompt + 2 * completion
 
 
 def _asked_for_usage(payload: dict[str, Any]) -> bool:

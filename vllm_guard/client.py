@@ -211,7 +211,7 @@ class LimitedClient:
                 delay, advertised = self._backoff(attempt), None
                 status = None
             else:
-                answer = _response(resp, attempt, 0.0)
+                answer = _response(resp, attempt)
                 used = _usage_total(answer.body)
                 self._learn(answer.headers, loop.time())
                 overloaded = answer.status in (429, 503)
@@ -342,13 +342,13 @@ class LimitedClient:
         return bucket
 
 
-def _response(resp: httpx.Response, attempt: int, latency_s: float) -> Response:
+def _response(resp: httpx.Response, attempt: int) -> Response:
     try:
         body: Any = resp.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         body = resp.text
     headers = {k.lower(): v for k, v in resp.headers.items()}
-    return Response(resp.status_code, headers, body, attempt, latency_s)
+    return Response(resp.status_code, headers, body, attempt, 0.0)  # latency: set when final
 
 
 def _advertised_delay_s(headers: dict[str, str]) -> float | None:
