@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vllm_guard.demo import Stack
+from vllm_guard.demo import Stack, running_stack
 from vllm_guard.workload import write_report
 
 UNTUNED = """
@@ -54,17 +54,10 @@ def _tune(stack: Stack, config: Path, out: Path, args: argparse.Namespace, *extr
     return subprocess.run(cmd, env={**os.environ, **stack.keys}, check=False).returncode
 
 
-async def _with_stack(config: Path, keys: dict[str, str] | None, fn: Any) -> Any:
-    stack = Stack(config_path=config)
-    if keys:
-        stack.keys = keys
-        stack._env = {**os.environ, **keys}  # the tuned file reads the same variables
-    stack.start()
-    try:
-        await stack.wait_ready()
+async def _on_stack(config: Path, fn: Any, keys: dict[str, str] | None = None) -> Any:
+    """Run `fn(stack)` (blocking: it waits on `vllm-guard tune`) on a stack serving `config`."""
+    async with running_stack(config.read_text(), keys=keys) as stack:
         return await asyncio.to_thread(fn, stack)
-    finally:
-        stack.stop()
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,7 +74,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         _tune(stack, untuned, out, args)
         _tune(stack, untuned, work / "before", args, "--measure", str(heaviest))
 
-    await _with_stack(untuned, None, sweep_and_measure)
+    await _on_stack(untuned, sweep_and_measure)
     tuned = out / "limits.yaml"
     if not tuned.exists():
         raise SystemExit("tune wrote no limits.yaml (no step met the objective)")
@@ -89,7 +82,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     def measure(stack: Stack) -> None:
         _tune(stack, tuned, work / "after", args, "--measure", str(heaviest))
 
-    await _with_stack(tuned, keys, measure)
+    await _on_stack(tuned, measure, keys)  # the tuned file reads the same key variables
     before = json.loads((work / "before" / "measure.json").read_text())
     after = json.loads((work / "after" / "measure.json").read_text())
     sweep = json.loads((out / "tune.json").read_text())

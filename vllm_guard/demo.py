@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,13 @@ class Stack:
         config_path: Path | None = None,
         key_vars: tuple[str, ...] = ("CHAT_UI_KEY", "ETL_KEY"),
         vllm_args: tuple[str, ...] = (),
+        keys: Mapping[str, str] | None = None,
     ) -> None:
+        """`keys`: use these (variable -> key) instead of making up one per `key_vars`,
+        e.g. for a second stack that must accept the first one's clients."""
         self.port = port or free_port()
         self.vllm_port = free_port()
-        self.keys = {var: secrets.token_urlsafe(24) for var in key_vars}
+        self.keys = dict(keys) if keys else {var: secrets.token_urlsafe(24) for var in key_vars}
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="vllm-guard-demo-"))
         self.vllm_log = self.log_dir / "vllm.log"
         self.guard_log = self.log_dir / "guard.log"
