@@ -200,9 +200,9 @@ class LimitedClient:
         for attempt in range(1, self.max_attempts + 1):
             held = await self._acquire(cost)
             self.stats.requests += 1
-            if retry is not None:
-                retry.sent_at = loop.time()
             sent = loop.time()
+            if retry is not None:
+                retry.sent_at = sent
             try:
                 resp = await self._http.post(path, json=body)
             except _RETRYABLE_ERRORS as exc:
