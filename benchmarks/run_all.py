@@ -42,7 +42,7 @@ SUITE: dict[str, tuple[list[str], Callable[[dict[str, Any]], str]]] = {
         ),
     ),
     "overhead": (
-        ["--requests", "300", "--rounds", "3"],
+        ["--requests", "200", "--pairs", "6"],
         lambda r: (
             f"added latency p50/p99: c1 {r['summary']['added_p50_ms_c1']:+.2f}/"
             f"{r['summary']['added_p99_ms_c1']:+.2f} ms, c32 "

@@ -3,7 +3,7 @@ import pytest
 from vllm_guard.config import parse_config
 
 BASE_CONFIG = """
-engine: {max_num_seqs: 4}
+engine: {max_num_seqs: 4, queue_ahead: 0}
 classes:
   interactive: {vllm_priority: 0, reserved_seqs: 1, max_queue: 3, max_wait_s: 5}
   batch: {vllm_priority: 10, max_queue: 5, max_wait_s: 60}

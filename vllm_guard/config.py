@@ -38,6 +38,12 @@ class EngineConfig(BaseModel):
     max_num_seqs: Annotated[int, Field(ge=1, le=65536)] = 16
     """Engine sequence slots S (vLLM's `--max-num-seqs`). The launcher passes it to vLLM;
     in proxy mode it must match what the upstream was started with."""
+    queue_ahead: Annotated[int, Field(ge=0, le=65536)] = 4
+    """Requests of the most urgent class the guard may send beyond the S slots, to wait
+    inside vLLM (whose priority scheduling runs them first): a slot that frees is refilled
+    in the engine's next step instead of after a round trip through the guard and vLLM's
+    request preprocessing. Less urgent classes never get these, since vLLM would hand a
+    freed reserved slot to whatever waits in it. 0: never more than S requests in vLLM."""
     kv_admission: bool = True
     """Admit by KV-cache headroom as well as by slots (capacity read from the engine's
     /metrics, or `kv_capacity_tokens`). Each request reserves its prompt + completion
@@ -209,8 +215,8 @@ class PriorityClass:
     rank: int
     vllm_priority: int
     slot_limit: int
-    """Engine slots this class may occupy together with all others: S minus the slots
-    reserved by more urgent classes."""
+    """Requests in vLLM at once this class may add to: S minus the slots reserved by more
+    urgent classes (S + engine.queue_ahead for the most urgent class)."""
     max_queue: int
     max_wait_s: float
     header_value: bytes
@@ -258,7 +264,8 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
                 name=name,
                 rank=rank,
                 vllm_priority=c.vllm_priority,
-                slot_limit=cfg.engine.max_num_seqs - reserved_above,
+                slot_limit=cfg.engine.max_num_seqs
+                + (cfg.engine.queue_ahead if rank == 0 else -reserved_above),
                 max_queue=c.max_queue,
                 max_wait_s=c.max_wait_s,
                 header_value=name.encode(),

@@ -37,6 +37,26 @@ def test_strict_priority_on_release(config):
     assert adm.release(held[2], 3.0) == [queued_batch]
 
 
+def test_queue_ahead_lets_interactive_wait_in_vllm_but_never_batch():
+    config = parse_config(
+        BASE_CONFIG.replace("queue_ahead: 0", "queue_ahead: 2"), "test.yaml", KEYS
+    )
+    adm, inter, batch = _setup(config)
+    assert (inter.slot_limit, batch.slot_limit) == (4 + 2, 4 - 1)
+    held = [adm.enter(inter, 0.0)[1] for _ in range(6)]  # 4 slots + 2 waiting in vLLM
+    assert all(t.state is TicketState.ADMITTED for t in held)
+    assert adm.enter(inter, 0.0)[0] is Decision.QUEUED
+    _, queued_batch = adm.enter(batch, 0.0)
+    # Freed slots go to the waiting interactive request first, and batch gets one only
+    # once fewer than 3 requests are in vLLM: never a slot that vLLM would have to take
+    # from the reserved one or from interactive requests waiting in it.
+    for ticket in held[:4]:
+        adm.release(ticket, 1.0)
+    assert queued_batch.state is TicketState.WAITING
+    assert adm.in_flight == 3
+    assert adm.release(held[4], 1.0) == [queued_batch]
+
+
 def test_fifo_within_class(config):
     adm, _inter, batch = _setup(config)
     held = [adm.enter(batch, 0.0)[1] for _ in range(3)]
@@ -118,13 +138,18 @@ ops = st.lists(
 )
 
 
+@pytest.mark.parametrize("queue_ahead", [0, 2])
 @settings(max_examples=300, deadline=None)
-@given(ops)
-def test_invariants_under_any_interleaving(seq):
+@given(seq=ops)
+def test_invariants_under_any_interleaving(queue_ahead, seq):
     """Slots never exceed their class limits, strict priority holds, nothing is lost:
-    every ticket ends admitted, expired, refused or cancelled, and in-flight returns to 0."""
-    config = parse_config(BASE_CONFIG, "t.yaml", KEYS)
+    every ticket ends admitted, expired, refused or cancelled, and in-flight returns to 0.
+    With queue_ahead q, up to q more interactive requests (never batch) may be in vLLM."""
+    config = parse_config(
+        BASE_CONFIG.replace("queue_ahead: 0", f"queue_ahead: {queue_ahead}"), "t.yaml", KEYS
+    )
     adm, inter, batch = _setup(config)
+    most = config.max_num_seqs + queue_ahead
     now = 0.0
     admitted, waiting, all_tickets = [], [], []
     for op, dt in seq:
@@ -145,13 +170,13 @@ def test_invariants_under_any_interleaving(seq):
             adm.expire(now)
         waiting = [t for t in waiting if t.state is TicketState.WAITING]
         stats = {s.name: s for s in adm.statistics()}
-        assert adm.in_flight == len(admitted) <= config.max_num_seqs
-        assert stats["batch"].in_flight <= batch.slot_limit
+        assert adm.in_flight == len(admitted) <= most
+        assert stats["batch"].in_flight <= batch.slot_limit == config.max_num_seqs - 1
         assert stats["interactive"].queued + stats["batch"].queued == len(waiting)
         # Strict priority: a batch request is never admitted while interactive ones wait
         # and the engine has a free slot for them.
         if stats["interactive"].queued:
-            assert adm.in_flight == config.max_num_seqs
+            assert adm.in_flight == most
     while admitted:  # releasing admits the waiters, which are then released in turn
         admitted += adm.release(admitted.pop(0), now)
     assert adm.in_flight == 0
@@ -238,7 +263,7 @@ def test_fifo_class_ignores_tenants():
 # -- KV-cache headroom ---------------------------------------------------------------------
 
 KV_CONFIG = BASE_CONFIG.replace(
-    "engine: {max_num_seqs: 4}", "engine: {max_num_seqs: 4, kv_watermark: 0.8}"
+    "engine: {max_num_seqs: 4,", "engine: {max_num_seqs: 4, kv_watermark: 0.8,"
 ).replace("reserved_seqs: 1,", "reserved_seqs: 1, reserved_kv: 0.2,")
 
 

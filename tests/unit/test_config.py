@@ -31,6 +31,18 @@ def test_slot_limits_subtract_more_urgent_reservations(config):
     assert [(c.name, c.slot_limit) for c in config.classes] == [("interactive", 4), ("batch", 3)]
 
 
+def test_queue_ahead_raises_only_the_most_urgent_class_limit():
+    text = BASE_CONFIG.replace("queue_ahead: 0", "queue_ahead: 3").replace(
+        "  batch:", "  standard: {vllm_priority: 5, reserved_seqs: 1}\n  batch:"
+    )
+    config = parse_config(text, "t.yaml", KEYS)
+    assert [(c.name, c.slot_limit) for c in config.classes] == [
+        ("interactive", 4 + 3),
+        ("standard", 4 - 1),
+        ("batch", 4 - 2),
+    ]
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
