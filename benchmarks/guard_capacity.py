@@ -1,13 +1,20 @@
-"""How many requests/s the guard alone sustains on one core, and its CPU time per request.
+"""How many requests/s the guard alone sustains on one core, its CPU time per request, and
+the latency it adds at vLLM's pace when it has its own core.
 
-    python benchmarks/guard_capacity.py [--seconds 10] [--concurrency 32]
+    python benchmarks/guard_capacity.py [--seconds 10] [--concurrency 32] [--pace-ms 100]
 
 A trivial upstream (an aiohttp server answering every chat request with the same small
-JSON at once) stands in for vLLM, so only the guard's own work is measured. The guard runs
-as `vllm-guard proxy` pinned to CPU 0 (`sched_setaffinity`); the upstream and the load
-generator share the other CPUs. Baseline in the same run: the same load straight to the
-trivial upstream, which shows what the generator and upstream can do without the guard.
-The guard's CPU time comes from /proc (user + system) over the measured window.
+JSON) stands in for vLLM, so only the guard's own work is measured. The guard runs as
+`vllm-guard proxy` pinned to CPU 0 (`sched_setaffinity`); the upstream and the load
+generator share the other CPUs. The guard's CPU time comes from /proc (user + system).
+
+1. Capacity: the upstream answers at once and `--concurrency` clients send as fast as
+   they can, straight to it (what the generator and upstream do without the guard) and
+   through the guard.
+2. Added latency: the upstream waits `--pace-ms` before answering (about what vLLM takes
+   at concurrency 32 on the tiny model), so the closed loop runs at a rate vLLM could
+   serve; blocks straight to it and through the guard alternate (`--pairs` pairs), and the
+   added p50/p99 is the median over pairs of guard minus direct.
 
 Writes guard_capacity.json and guard_capacity.md to --out.
 """
@@ -18,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,17 +60,27 @@ ANSWER = json.dumps(
 
 
 def serve_trivial_upstream(port: int) -> None:
-    """The stand-in for vLLM (run in a child process)."""
+    """The stand-in for vLLM (run in a child process). `PUT /delay?ms=N` (sent straight to
+    it, never through the guard) sets how long it waits before answering a chat request."""
+    delay_s = 0.0
 
     async def chat(request: web.Request) -> web.Response:
         await request.read()
+        if delay_s:
+            await asyncio.sleep(delay_s)
         return web.Response(body=ANSWER, content_type="application/json")
+
+    async def set_delay(request: web.Request) -> web.Response:
+        nonlocal delay_s
+        delay_s = float(request.query["ms"]) / 1000
+        return web.Response(text="")
 
     async def ok(request: web.Request) -> web.Response:
         return web.Response(text="")
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_put("/delay", set_delay)
     app.router.add_get("/health", ok)
     app.router.add_get("/metrics", ok)  # no KV data: the guard admits by slots alone
     app.router.add_get("/v1/models", lambda r: web.json_response({"data": []}))
@@ -148,6 +166,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             guard_url, {"Authorization": f"Bearer {KEY}"}, args.seconds, args.concurrency
         )
         cpu = _cpu_s(guard.pid) - cpu0
+        paced = await _paced(up_url, guard_url, args)
     finally:
         for p in (guard, upstream):
             p.terminate()
@@ -163,11 +182,37 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "guard_cpu": guard_cpu,
         "direct": direct,
         "guard": through,
+        "paced": paced,
     }
 
 
+async def _paced(up_url: str, guard_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.put(f"{up_url}/delay", params={"ms": str(args.pace_ms)}) as resp,
+    ):
+        resp.raise_for_status()
+    paths = {"direct": (up_url, {}), "guard": (guard_url, {"Authorization": f"Bearer {KEY}"})}
+    pairs = []
+    for i in range(args.pairs):
+        pair = {}
+        for name in ("direct", "guard") if i % 2 == 0 else ("guard", "direct"):
+            url, headers = paths[name]
+            pair[name] = await _load(url, headers, args.seconds / 2, args.concurrency)
+        pairs.append(pair)
+    out: dict[str, Any] = {"pace_ms": args.pace_ms, "pairs": pairs}
+    for q in ("p50_ms", "p99_ms"):
+        added = [p["guard"][q] - p["direct"][q] for p in pairs]
+        out[f"added_{q}"] = statistics.median(added)
+        out[f"added_{q}_range"] = [min(added), max(added)]
+        for name in ("direct", "guard"):
+            out[f"{name}_{q}"] = statistics.median(p[name][q] for p in pairs)
+    out["requests_per_s"] = statistics.median(p["guard"]["requests_per_s"] for p in pairs)
+    return out
+
+
 def _markdown(r: dict[str, Any]) -> str:
-    d, g = r["direct"], r["guard"]
+    d, g, pc = r["direct"], r["guard"], r["paced"]
     return "\n".join(
         [
             "# Guard capacity on one core (trivial upstream)",
@@ -188,6 +233,22 @@ def _markdown(r: dict[str, Any]) -> str:
             f"**{g['guard_cpu_ms_per_request']:.3f} ms per request** "
             f"({g['guard_core_utilisation']:.0%} of its core).",
             "",
+            f"## Added latency at vLLM's pace (upstream answers after {pc['pace_ms']:g} ms)",
+            "",
+            f"{r['args']['concurrency']} concurrent clients, {len(pc['pairs'])} alternating "
+            f"pairs of {r['args']['seconds'] / 2:g} s blocks (through the guard: "
+            f"{pc['requests_per_s']:.0f} requests/s); added = median over pairs of guard minus "
+            "direct, lowest and highest pair in brackets.",
+            "",
+            "| | direct | through the guard | added |",
+            "|---|---:|---:|---:|",
+            *(
+                f"| {q[:3]} | {pc[f'direct_{q}']:.2f} ms | {pc[f'guard_{q}']:.2f} ms | "
+                f"**{pc[f'added_{q}']:+.2f} ms** [{pc[f'added_{q}_range'][0]:+.2f}, "
+                f"{pc[f'added_{q}_range'][1]:+.2f}] |"
+                for q in ("p50_ms", "p99_ms")
+            ),
+            "",
         ]
     )
 
@@ -196,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--pace-ms", type=float, default=100.0, help="the upstream's delay, phase 2")
+    p.add_argument("--pairs", type=int, default=6, help="direct/guard block pairs, phase 2")
     p.add_argument("--out", type=Path, default=Path("results/guard_capacity"))
     p.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -42,6 +42,7 @@ from vllm_guard.estimate import (
     usage_total,
 )
 from vllm_guard.gate import Gate, RefusalReason, Refused, retry_after_header
+from vllm_guard.h1client import UpstreamConnectError
 from vllm_guard.metrics import GuardMetrics, render
 from vllm_guard.quota import Denied, TenantQuota, go_duration
 from vllm_guard.quota_gate import QuotaGate
@@ -53,7 +54,7 @@ GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _QUEUE_HEADER = b"x-vllm-guard-queue-ms"
 _QUOTA_HEADER = b"x-vllm-guard-quota-ms"  # estimate + waiting for the tenant's budget
 _CLASS_HEADER_OUT = b"x-vllm-guard-class"
-_EVENT_STREAM = "text/event-stream"
+_EVENT_STREAM = b"text/event-stream"
 
 Scope = dict[str, Any]
 
@@ -477,30 +478,23 @@ class GuardApp:
     ) -> str:
         """Send the request to vLLM and its answer to the client; returns the outcome.
         Notes in `usage` what vLLM reported the request cost."""
-        upstream = self.upstream
         usage.sent = True
         try:
-            resp = await upstream.session.post(
-                upstream.base_url + path, data=body, headers=upstream.headers(forwarded, True)
-            )
+            resp = await self.upstream.post(path, body, forwarded)
         except _UPSTREAM_ERRORS as exc:
-            # Only a refused connection proves vLLM never saw the request.
-            usage.sent = not isinstance(exc, aiohttp.ClientConnectorError)
+            # Only a connection never made proves vLLM never saw the request.
+            usage.sent = not isinstance(exc, UpstreamConnectError)
             return await self._upstream_failed(send, exc, guard_headers)
 
-        headers = [
-            (name.lower().encode("latin-1"), value.encode("latin-1"))
-            for name, value in resp.headers.items()
-            if name.lower() in FORWARDED_RESPONSE_HEADERS
-        ]
+        headers = [(k, v) for k, v in resp.headers if k in FORWARDED_RESPONSE_HEADERS]
         headers += guard_headers
         usage.status = resp.status
-        is_stream = stream and resp.headers.get("content-type", "").startswith(_EVENT_STREAM)
+        is_stream = stream and (resp.header(b"content-type") or b"").startswith(_EVENT_STREAM)
         try:
             if not is_stream:
                 data = await resp.read()
                 usage.total = _usage_of_body(data)
-                headers.append((b"content-length", str(len(data)).encode()))
+                headers.append((b"content-length", b"%d" % len(data)))
                 await send(
                     {"type": "http.response.start", "status": resp.status, "headers": headers}
                 )
@@ -509,7 +503,7 @@ class GuardApp:
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
             tap = UsageTap(keep_usage=usage.wants_usage)
             try:
-                async for chunk in resp.content.iter_any():
+                async for chunk in resp.chunks():
                     out = tap.feed(chunk)
                     if out:
                         if usage.first_at is None:
@@ -536,16 +530,16 @@ class GuardApp:
         finally:
             # Closing (not releasing) an unfinished response drops the connection, which is
             # how vLLM learns to abort the request and free its KV blocks.
-            if not resp.content.at_eof():
-                resp.close()
-            else:
+            if resp.complete:
                 resp.release()
+            else:
+                resp.close()
 
     async def _upstream_failed(
         self, send: Any, exc: BaseException, guard_headers: list[tuple[bytes, bytes]]
     ) -> str:
         """Answer for a vLLM that failed before the response started: 504 when it went
-        silent (aiohttp's timeouts are also ClientErrors, so this is checked first), else
+        silent, else
         503 with retry-after, since a vLLM that drops connections is usually restarting."""
         if isinstance(exc, TimeoutError):
             await errors.UPSTREAM_TIMEOUT.send(send, guard_headers)
@@ -556,7 +550,7 @@ class GuardApp:
 
 # ---------------------------------------------------------------------------------------
 
-_UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+_UPSTREAM_ERRORS = (OSError, TimeoutError)
 
 _TOO_LARGE = object()
 

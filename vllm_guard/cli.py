@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from vllm_guard import __version__
 from vllm_guard.config import ConfigError, Tenant, load_config
@@ -70,7 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     x = sub.add_parser("proxy", help="guard a vLLM server that is already running")
-    x.add_argument("--upstream", required=True, help="vLLM base URL, e.g. http://127.0.0.1:8001")
+    x.add_argument(
+        "--upstream",
+        required=True,
+        type=_upstream_url,
+        help="vLLM base URL, http://host:port[/prefix] (plain HTTP: vLLM on a private network)",
+    )
     x.add_argument("--config", type=Path, help=_CONFIG_HELP)
     x.add_argument("--host", default="127.0.0.1", help="address to serve the guard on")
     x.add_argument("--port", type=int, default=8000, help="guard port (default 8000)")
@@ -105,6 +111,13 @@ has one line per input line, exactly once, in OpenAI's batch output format; fail
 records with `error` set (and the server's error body in `response` when there was one).
 Re-running with the same output resumes: lines already there are skipped, a torn last
 line is cut off. Exit 0 when every line succeeded, 1 when any failed or was not done."""
+
+
+def _upstream_url(text: str) -> str:
+    url = urlsplit(text.rstrip("/"))
+    if url.scheme != "http" or not url.hostname or url.query or url.fragment:
+        raise argparse.ArgumentTypeError(f"expected http://host:port[/prefix], got {text!r}")
+    return text
 
 
 def _add_batch_parser(sub: Any) -> None:

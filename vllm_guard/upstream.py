@@ -1,10 +1,15 @@
-"""The connection pool to vLLM's OpenAI-compatible server."""
+"""The connections to vLLM's OpenAI-compatible server: the request path's own lean pool
+(`h1client`) for generation requests, an aiohttp session for everything else (model list,
+/tokenize)."""
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from vllm_guard.config import GuardSettings
+from vllm_guard.h1client import Pool, Response
 
 # Request headers a client may pass on to vLLM. Everything else is dropped: hop-by-hop
 # headers, the client's credentials, and headers vLLM acts on that a client must not
@@ -13,18 +18,46 @@ FORWARDED_REQUEST_HEADERS = frozenset(
     {b"accept", b"user-agent", b"x-request-id", b"x-session-id", b"traceparent", b"tracestate"}
 )
 # Response headers passed back to the client (the guard adds its own).
-FORWARDED_RESPONSE_HEADERS = frozenset({"content-type", "x-request-id"})
+FORWARDED_RESPONSE_HEADERS = frozenset({b"content-type", b"x-request-id"})
 UPSTREAM_KEEPALIVE_S = 3.0
 
 
 class Upstream:
-    """One aiohttp session for the guard's lifetime; `base_url` like http://127.0.0.1:8001."""
+    """Connections for the guard's lifetime; `base_url` like http://127.0.0.1:8001."""
 
     def __init__(self, base_url: str, settings: GuardSettings, api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
+        url = urlsplit(self.base_url)
+        if url.scheme != "http" or not url.hostname:
+            raise ValueError(f"upstream must be http://host[:port][/prefix], not {base_url!r}")
+        self._host, self._port = url.hostname, url.port or 80
+        self._host_header = url.netloc.encode()
+        self._prefix = url.path.encode()
         self._settings = settings
         self._auth = (b"authorization", b"Bearer " + api_key.encode()) if api_key else None
         self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
+
+    async def post(self, path: str, body: bytes, forwarded: list[tuple[bytes, bytes]]) -> Response:
+        """POST a JSON `body` to `path` (one of the guard's fixed paths) with the client's
+        `forwarded` headers; returns once the response headers are in."""
+        if self._pool is None:
+            s = self._settings
+            self._pool = Pool(
+                self._host,
+                self._port,
+                s.upstream_connect_timeout_s,
+                s.upstream_read_timeout_s,
+                UPSTREAM_KEEPALIVE_S,
+            )
+        head = [
+            b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n" % (self._prefix + path.encode(), self._host_header, len(body))
+        ]
+        for name, value in forwarded if self._auth is None else [*forwarded, self._auth]:
+            head.append(b"%s: %s\r\n" % (name, value))
+        head.append(b"\r\n")
+        return await self._pool.post(b"".join(head), body)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -54,6 +87,9 @@ class Upstream:
         return out
 
     async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._session is not None:
             await self._session.close()
             self._session = None

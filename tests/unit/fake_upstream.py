@@ -71,8 +71,10 @@ class FakeVllm:
         self.requests.append((dict(request.headers), body))
         self.active += 1
         try:
-            if self.mode == "hang":
-                await self.release.wait()
+            while self.mode == "hang" and not self.release.is_set():
+                if request.transport is None or request.transport.is_closing():
+                    raise ConnectionResetError  # the guard hung up: vLLM aborts
+                await asyncio.sleep(0.01)
             prompt = self.prompt_tokens(body)
             usage = {
                 "prompt_tokens": prompt,

@@ -12,6 +12,7 @@ from tests.unit.asgi import Client, call
 from tests.unit.conftest import ready_app, until
 from vllm_guard.app import GuardApp
 from vllm_guard.config import parse_config
+from vllm_guard.upstream import Upstream
 
 CHAT = {"Authorization": "Bearer chat-secret"}
 ETL = {"Authorization": "Bearer etl-secret"}
@@ -132,7 +133,8 @@ async def test_engine_down_gives_503_with_retry_after(app, fake):
 
 async def test_unreachable_upstream_releases_slot(app):
     await app.upstream.close()
-    app.upstream.base_url = "http://127.0.0.1:9"  # discard port: connection refused
+    # The discard port: connection refused.
+    app.upstream = Upstream("http://127.0.0.1:9", app.config.guard)
     r = await call(app, "POST", "/v1/completions", CHAT, BODY)
     assert r.status == 503 and "retry-after" in r.headers
     assert in_flight(app) == 0

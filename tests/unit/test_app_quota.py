@@ -137,6 +137,8 @@ async def test_concurrency_limit_and_release_on_disconnect(app, fake):
         c.disconnect()
     await asyncio.gather(*tasks)
     assert app.quota_gates["nightly-etl"].quota.in_flight == 0
+    await until(lambda: fake.active == 0)
+    assert fake.aborted == 2  # the guard hung up on vLLM too, before any response began
     # vLLM was working on both when their clients left: each pays its estimate (2 + 5).
     assert level(app, "nightly-etl", TOKENS_DAY) == pytest.approx(600 - 14, abs=0.1)
 
