@@ -37,7 +37,7 @@ import aiohttp
 from aiohttp import web
 
 from vllm_guard.launcher import free_port
-from vllm_guard.workload import percentile, write_report
+from vllm_guard.workload import added_over_pairs, percentile, write_report
 
 CONFIG = """
 engine: {max_num_seqs: 1024}
@@ -200,13 +200,7 @@ async def _paced(up_url: str, guard_url: str, args: argparse.Namespace) -> dict[
             url, headers = paths[name]
             pair[name] = await _load(url, headers, args.seconds / 2, args.concurrency)
         pairs.append(pair)
-    out: dict[str, Any] = {"pace_ms": args.pace_ms, "pairs": pairs}
-    for q in ("p50_ms", "p99_ms"):
-        added = [p["guard"][q] - p["direct"][q] for p in pairs]
-        out[f"added_{q}"] = statistics.median(added)
-        out[f"added_{q}_range"] = [min(added), max(added)]
-        for name in ("direct", "guard"):
-            out[f"{name}_{q}"] = statistics.median(p[name][q] for p in pairs)
+    out: dict[str, Any] = {"pace_ms": args.pace_ms, "pairs": pairs, **added_over_pairs(pairs)}
     out["requests_per_s"] = statistics.median(p["guard"]["requests_per_s"] for p in pairs)
     return out
 

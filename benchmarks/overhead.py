@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import aiohttp
 import psutil
 
 from vllm_guard.demo import Stack
-from vllm_guard.workload import percentile, write_report
+from vllm_guard.workload import added_over_pairs, percentile, write_report
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
 
@@ -140,13 +139,7 @@ async def _placement(stack: Stack, own_core: bool, args: argparse.Namespace) -> 
                 url, headers = paths[name]
                 pair[name] = await _block(kind, url, headers, args.requests)
             pairs.append(pair)
-        summary = {}
-        for q in ("p50_ms", "p99_ms"):
-            added = [p["guard"][q] - p["direct"][q] for p in pairs]
-            summary[f"added_{q}"] = statistics.median(added)
-            summary[f"added_{q}_range"] = [min(added), max(added)]
-            for name in ("direct", "guard"):
-                summary[f"{name}_{q}"] = statistics.median(p[name][q] for p in pairs)
+        summary = added_over_pairs(pairs)
         out["kinds"][kind] = {"pairs": pairs, "summary": summary}
         print(f"  {KINDS[kind]}: {json.dumps(summary)}", flush=True)
     return out

@@ -44,11 +44,19 @@ SUITE: dict[str, tuple[list[str], Callable[[dict[str, Any]], str]]] = {
     "overhead": (
         ["--requests", "200", "--pairs", "6"],
         lambda r: (
-            f"added latency p50/p99: c1 {r['summary']['added_p50_ms_c1']:+.2f}/"
-            f"{r['summary']['added_p99_ms_c1']:+.2f} ms, c32 "
-            f"{r['summary']['added_p50_ms_c32']:+.2f}/{r['summary']['added_p99_ms_c32']:+.2f} ms; "
-            f"streaming TTFT {r['summary']['added_p50_ms_ttft']:+.2f}/"
-            f"{r['summary']['added_p99_ms_ttft']:+.2f} ms"
+            "added latency p50/p99 — "
+            + "; ".join(
+                f"{label}: c1 {k['c1']['summary']['added_p50_ms']:+.2f}/"
+                f"{k['c1']['summary']['added_p99_ms']:+.2f} ms, c32 "
+                f"{k['c32']['summary']['added_p50_ms']:+.2f}/"
+                f"{k['c32']['summary']['added_p99_ms']:+.2f} ms, streaming TTFT "
+                f"{k['ttft']['summary']['added_p50_ms']:+.2f}/"
+                f"{k['ttft']['summary']['added_p99_ms']:+.2f} ms"
+                for label, k in (
+                    ("shared cores", r["placements"]["shared"]["kinds"]),
+                    ("vLLM and guard on own cores", r["placements"]["own_core"]["kinds"]),
+                )
+            )
         ),
     ),
     "guard_capacity": (
@@ -56,7 +64,9 @@ SUITE: dict[str, tuple[list[str], Callable[[dict[str, Any]], str]]] = {
         lambda r: (
             f"{r['guard']['requests_per_s']:.0f} requests/s on one core "
             f"(trivial upstream alone: {r['direct']['requests_per_s']:.0f}); "
-            f"{r['guard']['guard_cpu_ms_per_request']:.3f} ms CPU per request"
+            f"{r['guard']['guard_cpu_ms_per_request']:.3f} ms CPU per request; added at "
+            f"vLLM's pace (32 clients, upstream {r['paced']['pace_ms']:g} ms): p50 "
+            f"{r['paced']['added_p50_ms']:+.2f} ms, p99 {r['paced']['added_p99_ms']:+.2f} ms"
         ),
     ),
     "limits_accuracy": (

@@ -71,6 +71,20 @@ def summary_ms(values_s: list[float]) -> dict[str, float]:
     }
 
 
+def added_over_pairs(pairs: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Direct/guard block pairs (each `{"direct": {"p50_ms": ..}, "guard": {..}}`) -> per
+    quantile: the median over pairs of guard minus direct (`added_p50_ms`), the lowest and
+    highest pair (`added_p50_ms_range`), and each path's median (`direct_p50_ms`)."""
+    out: dict[str, Any] = {}
+    for q in ("p50_ms", "p99_ms"):
+        added = [p["guard"][q] - p["direct"][q] for p in pairs]
+        out[f"added_{q}"] = statistics.median(added)
+        out[f"added_{q}_range"] = [min(added), max(added)]
+        for name in ("direct", "guard"):
+            out[f"{name}_{q}"] = statistics.median(p[name][q] for p in pairs)
+    return out
+
+
 def new_session() -> aiohttp.ClientSession:
     # Idle connections go before vLLM's 5 s keep-alive closes them (the direct path),
     # so a probe never races a server-side close ("Cannot write to closing transport").
