@@ -220,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{config.source}: OK")
         eng = config.engine
         print(
-            f"engine: max_num_seqs={config.max_num_seqs} kv_admission={eng.kv_admission} "
+            f"engine: max_num_seqs={config.max_num_seqs} queue_ahead={eng.queue_ahead} "
+            f"kv_admission={eng.kv_admission} "
             f"kv_watermark={eng.kv_watermark:g} on_stale={eng.on_stale}"
         )
         for c in config.classes:
