@@ -31,6 +31,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
+_PLACEMENT_LABELS = {"shared": "shared cores", "own_core": "vLLM and guard on own cores"}
+
 # name -> (script arguments, summary line from its JSON)
 SUITE: dict[str, tuple[list[str], Callable[[dict[str, Any]], str]]] = {
     "isolation": (
@@ -53,8 +55,7 @@ SUITE: dict[str, tuple[list[str], Callable[[dict[str, Any]], str]]] = {
                 f"{k['ttft']['summary']['added_p50_ms']:+.2f}/"
                 f"{k['ttft']['summary']['added_p99_ms']:+.2f} ms"
                 for label, k in (
-                    ("shared cores", r["placements"]["shared"]["kinds"]),
-                    ("vLLM and guard on own cores", r["placements"]["own_core"]["kinds"]),
+                    (_PLACEMENT_LABELS[name], p["kinds"]) for name, p in r["placements"].items()
                 )
             )
         ),

@@ -539,8 +539,8 @@ class GuardApp:
         self, send: Any, exc: BaseException, guard_headers: list[tuple[bytes, bytes]]
     ) -> str:
         """Answer for a vLLM that failed before the response started: 504 when it went
-        silent, else
-        503 with retry-after, since a vLLM that drops connections is usually restarting."""
+        silent, else 503 with retry-after, since a vLLM that drops connections is usually
+        restarting."""
         if isinstance(exc, TimeoutError):
             await errors.UPSTREAM_TIMEOUT.send(send, guard_headers)
         else:

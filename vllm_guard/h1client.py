@@ -89,7 +89,6 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._error: BaseException | None = None
         self._head: asyncio.Future[Response] | None = None
         self.complete = False
@@ -170,11 +169,11 @@ class _Connection(asyncio.Protocol):
             if self._error is not None:
                 raise self._error
             self._waiter = waiter = self._loop.create_future()
-            self._timer = self._loop.call_later(self._pool.read_timeout_s, self._silent, waiter)
+            timer = self._loop.call_later(self._pool.read_timeout_s, self._silent, waiter)
             try:
                 await waiter
             finally:
-                self._timer.cancel()
+                timer.cancel()
                 self._waiter = None
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
