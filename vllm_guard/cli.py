@@ -9,7 +9,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from vllm_guard import __version__
 from vllm_guard.config import ConfigError, Tenant, load_config
@@ -114,9 +113,12 @@ line is cut off. Exit 0 when every line succeeded, 1 when any failed or was not 
 
 
 def _upstream_url(text: str) -> str:
-    url = urlsplit(text.rstrip("/"))
-    if url.scheme != "http" or not url.hostname or url.query or url.fragment:
-        raise argparse.ArgumentTypeError(f"expected http://host:port[/prefix], got {text!r}")
+    from vllm_guard.h1client import split_base_url
+
+    try:
+        split_base_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

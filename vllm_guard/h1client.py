@@ -17,12 +17,31 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import cast
+from typing import NamedTuple, cast
+from urllib.parse import urlsplit
 
 import httptools
 
 # Pause reading from vLLM while this much of a response waits for the client to take it.
 _HIGH_WATER = 1 << 18
+
+
+class BaseUrl(NamedTuple):
+    host: str
+    port: int
+    netloc: str
+    """host[:port] as written, for the Host header."""
+    prefix: str
+    """A path the request paths go under ("" for none)."""
+
+
+def split_base_url(text: str) -> BaseUrl:
+    """http://host[:port][/prefix] -> its parts; ValueError for anything else (https,
+    a query, no host)."""
+    url = urlsplit(text.rstrip("/"))
+    if url.scheme != "http" or not url.hostname or url.query or url.fragment:
+        raise ValueError(f"expected http://host:port[/prefix], got {text!r}")
+    return BaseUrl(url.hostname, url.port or 80, url.netloc, url.path)
 
 
 class UpstreamError(OSError):
@@ -83,6 +102,8 @@ class _Connection(asyncio.Protocol):
         self._pool = pool
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        # One parser for the connection's life: llhttp starts over after each message, and
+        # a connection is reused only after its previous response was complete.
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
         self._chunks: deque[bytes] = deque()
@@ -144,7 +165,6 @@ class _Connection(asyncio.Protocol):
 
     async def request(self, data: bytes, read_timeout_s: float) -> Response:
         assert self.transport is not None
-        self._parser = httptools.HttpResponseParser(self)
         self._headers = []
         self.complete = self._keep_alive = False
         self._head = head = self._loop.create_future()

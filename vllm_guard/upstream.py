@@ -4,12 +4,10 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 import aiohttp
 
 from vllm_guard.config import GuardSettings
-from vllm_guard.h1client import Pool, Response
+from vllm_guard.h1client import Pool, Response, split_base_url
 
 # Request headers a client may pass on to vLLM. Everything else is dropped: hop-by-hop
 # headers, the client's credentials, and headers vLLM acts on that a client must not
@@ -27,12 +25,9 @@ class Upstream:
 
     def __init__(self, base_url: str, settings: GuardSettings, api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
-        url = urlsplit(self.base_url)
-        if url.scheme != "http" or not url.hostname:
-            raise ValueError(f"upstream must be http://host[:port][/prefix], not {base_url!r}")
-        self._host, self._port = url.hostname, url.port or 80
-        self._host_header = url.netloc.encode()
-        self._prefix = url.path.encode()
+        self._url = split_base_url(base_url)
+        self._host_header = self._url.netloc.encode()
+        self._prefix = self._url.prefix.encode()
         self._settings = settings
         self._auth = (b"authorization", b"Bearer " + api_key.encode()) if api_key else None
         self._session: aiohttp.ClientSession | None = None
@@ -44,8 +39,8 @@ class Upstream:
         if self._pool is None:
             s = self._settings
             self._pool = Pool(
-                self._host,
-                self._port,
+                self._url.host,
+                self._url.port,
                 s.upstream_connect_timeout_s,
                 s.upstream_read_timeout_s,
                 UPSTREAM_KEEPALIVE_S,
