@@ -37,7 +37,7 @@ import aiohttp
 from aiohttp import web
 
 from vllm_guard.launcher import free_port
-from vllm_guard.workload import added_over_pairs, percentile, write_report
+from vllm_guard.workload import added_over_pairs, alternating_pairs, percentile, write_report
 
 CONFIG = """
 engine: {max_num_seqs: 1024}
@@ -193,13 +193,9 @@ async def _paced(up_url: str, guard_url: str, args: argparse.Namespace) -> dict[
     ):
         resp.raise_for_status()
     paths = {"direct": (up_url, {}), "guard": (guard_url, {"Authorization": f"Bearer {KEY}"})}
-    pairs = []
-    for i in range(args.pairs):
-        pair = {}
-        for name in ("direct", "guard") if i % 2 == 0 else ("guard", "direct"):
-            url, headers = paths[name]
-            pair[name] = await _load(url, headers, args.seconds / 2, args.concurrency)
-        pairs.append(pair)
+    pairs = await alternating_pairs(
+        args.pairs, lambda name: _load(*paths[name], args.seconds / 2, args.concurrency)
+    )
     out: dict[str, Any] = {"pace_ms": args.pace_ms, "pairs": pairs, **added_over_pairs(pairs)}
     out["requests_per_s"] = statistics.median(p["guard"]["requests_per_s"] for p in pairs)
     return out

@@ -34,7 +34,7 @@ import aiohttp
 import psutil
 
 from vllm_guard.demo import Stack
-from vllm_guard.workload import added_over_pairs, percentile, write_report
+from vllm_guard.workload import added_over_pairs, alternating_pairs, percentile, write_report
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
 
@@ -132,13 +132,9 @@ async def _placement(stack: Stack, own_core: bool, args: argparse.Namespace) -> 
     paths = {"direct": (direct.base_url, {}), "guard": (guard.base_url, guard.interactive_headers)}
     out: dict[str, Any] = {"placement": where, "kinds": {}}
     for kind in KINDS:
-        pairs = []
-        for i in range(args.pairs):
-            pair = {}
-            for name in ("direct", "guard") if i % 2 == 0 else ("guard", "direct"):
-                url, headers = paths[name]
-                pair[name] = await _block(kind, url, headers, args.requests)
-            pairs.append(pair)
+        pairs = await alternating_pairs(
+            args.pairs, lambda name, kind=kind: _block(kind, *paths[name], args.requests)
+        )
         summary = added_over_pairs(pairs)
         out["kinds"][kind] = {"pairs": pairs, "summary": summary}
         print(f"  {KINDS[kind]}: {json.dumps(summary)}", flush=True)

@@ -13,7 +13,7 @@ import asyncio
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,21 @@ def summary_ms(values_s: list[float]) -> dict[str, float]:
     }
 
 
-def added_over_pairs(pairs: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+async def alternating_pairs(
+    n: int, measure: Callable[[str], Awaitable[dict[str, Any]]]
+) -> list[dict[str, dict[str, Any]]]:
+    """`n` pairs of `measure("direct")` and `measure("guard")`, which goes first
+    alternating (the machine drifts); for `added_over_pairs`."""
+    pairs = []
+    for i in range(n):
+        pair = {}
+        for name in ("direct", "guard") if i % 2 == 0 else ("guard", "direct"):
+            pair[name] = await measure(name)
+        pairs.append(pair)
+    return pairs
+
+
+def added_over_pairs(pairs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """Direct/guard block pairs (each `{"direct": {"p50_ms": ..}, "guard": {..}}`) -> per
     quantile: the median over pairs of guard minus direct (`added_p50_ms`), the lowest and
     highest pair (`added_p50_ms_range`), and each path's median (`direct_p50_ms`)."""
