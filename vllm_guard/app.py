@@ -528,12 +528,10 @@ class GuardApp:
         except _UPSTREAM_ERRORS as exc:
             return await self._upstream_failed(send, exc, guard_headers)
         finally:
-            # Closing (not releasing) an unfinished response drops the connection, which is
-            # how vLLM learns to abort the request and free its KV blocks.
-            if resp.complete:
-                resp.release()
-            else:
-                resp.close()
+            # A response not read to its end drops its connection: that is how vLLM learns
+            # to abort the request and free its KV blocks, and no leftover of it can reach
+            # the next request on a pooled connection.
+            resp.release()
 
     async def _upstream_failed(
         self, send: Any, exc: BaseException, guard_headers: list[tuple[bytes, bytes]]

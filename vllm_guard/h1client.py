@@ -54,8 +54,9 @@ class UpstreamConnectError(UpstreamError):
 
 class Response:
     """A response whose headers have arrived; its body follows through `read` or `chunks`.
-    Exactly one of `release` (back to the pool, only once the body is complete) or `close`
-    (drop the connection, which tells vLLM to abort the request) must end it."""
+    `release` (or `close`) must end it: the connection goes back to the pool only when the
+    guard read the response to its end; anything else drops it, which also tells vLLM to
+    abort a request it is still working on."""
 
     __slots__ = ("_conn", "headers", "status")
 
@@ -73,7 +74,13 @@ class Response:
 
     @property
     def complete(self) -> bool:
+        """The engine sent the whole response (the guard may not have read all of it)."""
         return self._conn.complete
+
+    @property
+    def read_to_end(self) -> bool:
+        """Every byte of the body was handed out through `read` or `chunks`."""
+        return self._conn.read_to_end
 
     async def read(self) -> bytes:
         parts = [chunk async for chunk in self.chunks()]
@@ -89,6 +96,8 @@ class Response:
             yield chunk
 
     def release(self) -> None:
+        """Done with the response: reuse the connection if it was read to the end and HTTP
+        allows keep-alive, else close it."""
         self._conn.finish()
 
     def close(self) -> None:
@@ -202,9 +211,16 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return chunk
 
+    @property
+    def read_to_end(self) -> bool:
+        return self.complete and not self._chunks
+
     def finish(self) -> None:
-        """The response was read to its end: reuse the connection if HTTP allows it."""
-        if self.complete and self._keep_alive and self.transport is not None:
+        """Reuse the connection only if its response was read to the end: a response whose
+        reader stopped early (its client left while the guard handed on a chunk) still has
+        body queued, perhaps reading paused, and the next request on the connection, any
+        tenant's, would read those bytes or hang."""
+        if self.read_to_end and self._keep_alive and self.transport is not None:
             self.idle_since = self._loop.time()
             self._pool.put_back(self)
         else:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import pytest_asyncio
+import uvloop
 
 from tests.unit.fake_upstream import FakeVllm
 from vllm_guard.app import GuardApp
@@ -34,3 +36,15 @@ async def until(cond, timeout=5.0):
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not reached")
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request):
+    """Run a coroutine on the stdlib event loop and on uvloop (which the guard runs)."""
+
+    def run(coro):
+        if request.param == "uvloop":
+            return uvloop.run(coro)
+        return asyncio.run(coro)
+
+    return run

@@ -17,7 +17,8 @@ from aiohttp import web
 class FakeVllm:
     def __init__(self) -> None:
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
-        self.mode = "ok"  # ok | hang | die_mid_stream | slow
+        self.mode = "ok"  # ok | hang | die_mid_stream | slow | big
+        self.big_body_bytes = 0  # mode "big": a stream this long, written at once
         self.release = asyncio.Event()
         self.active = 0
         self.aborted = 0
@@ -29,16 +30,17 @@ class FakeVllm:
         self.metrics_text = (Path(__file__).parent / "data" / "vllm_metrics.txt").read_text()
         self.metrics_status = 200
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._generate)
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/health", self._health)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{port}"
@@ -63,6 +65,9 @@ class FakeVllm:
             {"object": "list", "data": [{"id": "tiny", "max_model_len": 4096}]}
         )
 
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response()
+
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=self.metrics_text, status=self.metrics_status)
 
@@ -85,6 +90,14 @@ class FakeVllm:
                 return web.json_response({"choices": [{"text": "hi"}], "usage": usage})
             resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
             await resp.prepare(request)
+            if self.mode == "big":
+                event = b'data: {"tenant": "%s"}\n\n' % request.headers["x-request-id"].encode()
+                piece = event * (16384 // len(event))  # one chunk of the transfer coding each
+                size = body.get("big_body_bytes", self.big_body_bytes)  # a test may choose
+                for _ in range(size // len(piece)):
+                    await resp.write(piece)
+                await resp.write(b"data: [DONE]\n\n")
+                return resp
             for i in range(self.completion_tokens if self.mode == "ok" else 5):
                 await resp.write(b"data: " + json.dumps({"i": i}).encode() + b"\n\n")
                 if self.mode == "die_mid_stream" and i == 1:
@@ -103,3 +116,22 @@ class FakeVllm:
             raise
         finally:
             self.active -= 1
+
+
+async def _serve_forever(port: int, mode: str, big_body_bytes: int) -> None:
+    fake = FakeVllm()
+    fake.mode, fake.big_body_bytes = mode, big_body_bytes
+    await fake.start(port)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":  # a stand-in engine in its own process, for `vllm-guard proxy`
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--mode", default="ok")
+    parser.add_argument("--big-body-bytes", type=int, default=0)
+    args = parser.parse_args()
+    asyncio.run(_serve_forever(args.port, args.mode, args.big_body_bytes))

@@ -10,6 +10,7 @@ import pytest_asyncio
 from tests.conftest import BASE_CONFIG, KEYS
 from tests.unit.asgi import Client, call
 from tests.unit.conftest import ready_app, until
+from tests.unit.fake_upstream import FakeVllm
 from vllm_guard.app import GuardApp
 from vllm_guard.config import parse_config
 from vllm_guard.upstream import Upstream
@@ -219,3 +220,51 @@ async def test_metrics_show_queue_and_in_flight(app, fake):
     assert "secret" not in text
     fake.release.set()
     await holder
+
+
+class _StalledReader(Client):
+    """A streaming client that takes the response head, then reads nothing: the guard's
+    first body `send` waits (as on a full socket) until the client goes away."""
+
+    async def send(self, message):
+        if message["type"] == "http.response.body":
+            await asyncio.Event().wait()
+        await super().send(message)
+
+
+# The stand-in streams 16 KiB pieces. 100 kB: the guard holds the rest when A leaves;
+# 18 pieces: the rest crosses the upstream high-water mark (256 KiB) with its last piece,
+# so the connection is also paused (reused, B's request would hang).
+@pytest.mark.parametrize("size", [100_000, 18 * 16384])
+def test_a_stream_left_unread_never_reaches_the_next_tenant(run, size):
+    """Tenant A streams a large answer, reads none of it and leaves after vLLM finished;
+    tenant B's request must get B's own answer, never A's leftover events, and not hang."""
+
+    async def main():
+        fake = FakeVllm()
+        await fake.start()
+        app = ready_app(parse_config(BASE_CONFIG, "test.yaml", KEYS), fake)
+        try:
+            fake.mode, fake.big_body_bytes = "big", size
+            stalled = _StalledReader(b'{"prompt": "a", "stream": true}')
+            headers = {**CHAT, "X-Request-Id": "tenant-a"}
+            path = "/v1/completions"
+            task = asyncio.create_task(call(app, "POST", path, headers, client=stalled))
+            await until(lambda: stalled.reply.status == 200 and fake.active == 0)
+            await asyncio.sleep(0.2)  # the rest of A's answer reaches the guard
+            stalled.disconnect()
+            await asyncio.wait_for(task, 5)
+            assert in_flight(app) == 0
+            fake.mode = "ok"
+            body = {**BODY, "stream": True}
+            headers = {**ETL, "X-Request-Id": "tenant-b"}
+            r = await asyncio.wait_for(call(app, "POST", "/v1/completions", headers, body), 5)
+            assert r.status == 200
+            assert b"tenant" not in r.body
+            assert r.body.startswith(b'data: {"i": 0}') and r.body.count(b"[DONE]") == 1
+            assert in_flight(app) == 0
+        finally:
+            await app.upstream.close()
+            await fake.stop()
+
+    run(main())
