@@ -1,7 +1,8 @@
 """The capacity gate and the admission queues: synchronous, no I/O, `now` passed in.
 
-Engine slots S are shared by all classes; class c may hold a slot only while the total
-in flight is below its `slot_limit` (S minus the slots reserved by more urgent classes).
+Engine slots S are shared by all classes; class c may add sequences only while the total
+in flight stays within its `slot_limit` (S minus the slots reserved by more urgent classes).
+A ticket holds as many slots as vLLM runs sequences for it (prompts x n; usually 1).
 So an interactive request finds a slot free the moment it arrives, however much batch
 work is waiting: batch never waits *inside* vLLM, where it would take reserved slots.
 
@@ -54,10 +55,11 @@ class Ticket:
     """A request waiting for (or holding) a slot. `waker` belongs to the caller.
 
     `tenant`, `cost` (prompt tokens + 2 x completion tokens, estimated) and `weight` order
-    the waiters of one class by weighted fair queueing; `kv` is the KV cache it reserves."""
+    the waiters of one class by weighted fair queueing; `kv` is the KV cache it reserves and
+    `seqs` the engine slots it holds (the sequences vLLM runs for it)."""
 
     __slots__ = (
-        "cost", "deadline", "enqueued_at", "finish", "kv", "priority_class", "start",
+        "cost", "deadline", "enqueued_at", "finish", "kv", "priority_class", "seqs", "start",
         "state", "tenant", "waker", "weight",
     )  # fmt: skip
 
@@ -70,6 +72,7 @@ class Ticket:
         cost: float = 1.0,
         weight: float = 1.0,
         kv: int = 0,
+        seqs: int = 1,
     ) -> None:
         self.priority_class = priority_class
         self.enqueued_at = now
@@ -80,6 +83,7 @@ class Ticket:
         self.cost = cost
         self.weight = weight
         self.kv = kv
+        self.seqs = seqs
         self.start = self.finish = 0.0
 
 
@@ -197,12 +201,14 @@ class Admission:
         cost: float = 1.0,
         weight: float = 1.0,
         kv: int = 0,
+        seqs: int = 1,
     ) -> tuple[Decision, Ticket]:
         """Admit at once, queue, or refuse. A QUEUED ticket is later returned by
         `release` (admitted), `dispatch` (after an engine update) or `expire` (timed
-        out), unless the caller `cancel`s it."""
+        out), unless the caller `cancel`s it. `seqs` must be at most `max_seqs(class)`."""
+        assert 1 <= seqs <= self.max_seqs(priority_class), seqs
         state = self._by_rank[priority_class.rank]
-        ticket = Ticket(priority_class, now, None, tenant, cost, weight, kv)
+        ticket = Ticket(priority_class, now, None, tenant, cost, weight, kv, seqs)
         if self._nobody_waiting_up_to(state.spec.rank) and self._fits(state, ticket):
             self._take(state, ticket)
             return Decision.ADMITTED, ticket
@@ -217,8 +223,8 @@ class Admission:
         assert ticket.state is TicketState.ADMITTED, ticket.state
         state = self._by_rank[ticket.priority_class.rank]
         ticket.state = TicketState.CANCELLED  # a released ticket can never be released again
-        state.in_flight -= 1
-        self.in_flight -= 1
+        state.in_flight -= ticket.seqs
+        self.in_flight -= ticket.seqs
         self.kv.reserved -= ticket.kv
         self._observe_completion(now)
         return self.dispatch()
@@ -233,6 +239,11 @@ class Admission:
             kv.capacity = capacity
         kv.hold_batch = hold_batch
         return self.dispatch()
+
+    def max_seqs(self, priority_class: PriorityClass) -> int:
+        """The most sequences one request of this class may run: what the class could ever
+        hold at once (never more than the engine's S, whatever queue_ahead adds)."""
+        return min(priority_class.slot_limit, self.max_num_seqs)
 
     def kv_headroom(self, priority_class: PriorityClass) -> float:
         """KV tokens a ticket of this class could reserve now (inf: capacity unknown)."""
@@ -296,7 +307,7 @@ class Admission:
 
     def _fits(self, state: _ClassState, ticket: Ticket) -> bool:
         spec = state.spec
-        if self.in_flight >= spec.slot_limit:
+        if self.in_flight + ticket.seqs > spec.slot_limit:
             return False
         kv = self.kv
         if kv.hold_batch and spec.rank > 0:
@@ -308,8 +319,8 @@ class Admission:
 
     def _take(self, state: _ClassState, ticket: Ticket) -> None:
         ticket.state = TicketState.ADMITTED
-        state.in_flight += 1
-        self.in_flight += 1
+        state.in_flight += ticket.seqs
+        self.in_flight += ticket.seqs
         self.kv.reserved += ticket.kv
 
     def dispatch(self) -> list[Ticket]:

@@ -28,6 +28,7 @@ import aiohttp
 from vllm_guard import errors
 from vllm_guard.admission import Admission
 from vllm_guard.auth import Authenticator
+from vllm_guard.body import ParsedRequest, dump, parse_request
 from vllm_guard.classify import CLASS_HEADER, clamp_priority, resolve_class
 from vllm_guard.config import CompiledConfig, PriorityClass, Tenant
 from vllm_guard.engine import EngineState
@@ -39,12 +40,13 @@ from vllm_guard.estimate import (
     completion_budget,
     estimate,
     prompt_token_bound,
+    tokenize_request,
     usage_total,
 )
 from vllm_guard.gate import Gate, RefusalReason, Refused, retry_after_header
 from vllm_guard.h1client import UpstreamConnectError
 from vllm_guard.metrics import GuardMetrics, render
-from vllm_guard.quota import Denied, TenantQuota, go_duration
+from vllm_guard.quota import Denied, Reservation, TenantQuota, go_duration
 from vllm_guard.quota_gate import QuotaGate
 from vllm_guard.upstream import FORWARDED_REQUEST_HEADERS, FORWARDED_RESPONSE_HEADERS, Upstream
 
@@ -78,7 +80,10 @@ class _Usage:
     estimate, so leaving early never buys free compute; an error status from vLLM pays no
     tokens (it refused before generating) but still counts as a request."""
 
-    __slots__ = ("arrived", "events", "first_at", "sent", "status", "total", "wants_usage")
+    __slots__ = (
+        "arrived", "events", "first_at", "sent", "status", "total", "waiting_bytes",
+        "wants_usage",
+    )  # fmt: skip
 
     def __init__(self, wants_usage: bool, arrived: float) -> None:
         self.wants_usage = wants_usage  # the client asked for the stream's usage chunk
@@ -88,6 +93,7 @@ class _Usage:
         self.status = 0
         self.total: int | None = None  # usage.total_tokens, when vLLM reported it
         self.events = 0  # content events streamed
+        self.waiting_bytes = 0  # body bytes counted against guard.max_waiting_body_bytes
 
     def used_tokens(self, est: Estimate, stream: bool) -> int:
         if self.total is not None:
@@ -140,6 +146,7 @@ class GuardApp:
             (b"retry-after", str(config.guard.unavailable_retry_after_s).encode())
         ]
         self._too_large = errors.body_too_large(config.guard.max_body_bytes)
+        self._waiting_bytes = 0  # bodies of requests not yet admitted (quota or queue)
 
     # -- ASGI entry ---------------------------------------------------------------------
 
@@ -234,6 +241,8 @@ class GuardApp:
         forwarded: list[tuple[bytes, bytes]] = []
         for name, value in scope["headers"]:
             if name == b"authorization":
+                if authorization is not None:
+                    return await _SEVERAL_AUTHORIZATIONS.send(send)
                 authorization = value
             elif name == CLASS_HEADER:
                 class_header = value
@@ -262,29 +271,38 @@ class GuardApp:
         if raw is _TOO_LARGE:
             return await self._too_large.send(send)
         assert isinstance(raw, bytes)
-        payload = _parse_payload(raw)
-        if isinstance(payload, errors.ErrorResponse):
-            return await payload.send(send)
+        request = parse_request(raw, path)
+        if isinstance(request, errors.ErrorResponse):
+            return await request.send(send)
+        payload, stream = request.payload, request.stream
         priority = clamp_priority(payload.get("priority"), priority_class)
         if isinstance(priority, errors.ErrorResponse):
             return await priority.send(send)
         payload["priority"] = priority
-        stream = payload.get("stream") is True
+        max_seqs = self.admission.max_seqs(priority_class)
+        if request.sequences > max_seqs:
+            return await _too_many_sequences(request, priority_class, max_seqs).send(send)
         usage = _Usage(_asked_for_usage(payload), asyncio.get_running_loop().time())
 
         quota = self.quota_gates.get(tenant.name)
         est = Estimate(0, 0, True)
         guard_headers = [(_CLASS_HEADER_OUT, priority_class.header_value)]
-        if quota is not None:
-            est = await self._estimate(path, payload, priority_class, quota.quota)
-            if stream and quota.quota.limits.counts_tokens and not usage.wants_usage:
-                options = payload.get("stream_options")
-                payload["stream_options"] = {
-                    **(options if isinstance(options, dict) else {}),
-                    "include_usage": True,
-                }
-        # ASCII output: a lone surrogate a client sent ("\ud800") stays escaped, never a 500.
-        body = json.dumps(payload, separators=(",", ":")).encode()
+        counts_tokens = quota is not None and quota.quota.limits.counts_tokens
+        if counts_tokens and stream and not usage.wants_usage:
+            # The guard settles with the stream's usage chunk (dropped before the client).
+            options = payload.get("stream_options")
+            payload["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+        body = dump(payload)
+        if body is None:
+            return await _TOO_DEEP.send(send)
+        if self._waiting_bytes + len(body) > self.config.guard.max_waiting_body_bytes:
+            self.metrics.count(priority_class.name, "waiting_memory_full")
+            return await _WAITING_MEMORY_FULL.send(send, self._unavailable_headers)
+        self._waiting_bytes += len(body)
+        usage.waiting_bytes = len(body)
 
         # From here the request may wait and hold capacity: watch for the client leaving.
         conn = _Connection()
@@ -294,11 +312,12 @@ class GuardApp:
         reservation = None
         try:
             if quota is not None:
-                max_wait_s = priority_class.max_wait_s if priority_class.wait_on_limit else 0.0
-                charged = await quota.reserve(est.total, max_wait_s, priority_class.max_queue)
-                if isinstance(charged, Denied):
-                    return await self._rate_limited(send, tenant.name, quota.quota, charged, est)
-                reservation = charged
+                charged = await self._charge(
+                    send, quota, tenant.name, path, payload, priority_class
+                )
+                if charged is None:
+                    return None  # refused (429 or 400), nothing held
+                reservation, est = charged
                 charged_at = asyncio.get_running_loop().time()
                 guard_headers += _ratelimit_headers(quota.quota, charged_at)
                 quota_ms = (charged_at - usage.arrived) * 1000
@@ -306,13 +325,13 @@ class GuardApp:
             completion = (
                 est.completion_tokens
                 if est.total
-                else completion_budget(payload, priority_class.default_max_tokens)
+                else completion_budget(path, payload, priority_class.default_max_tokens)
             )
             cost = _fair_cost(len(body), est, completion)
-            kv = await self._kv_tokens(path, payload, len(body), est, completion, priority_class)
+            kv = await self._kv_tokens(path, request, len(body), est, completion, priority_class)
             await self._admit_and_forward(
-                send, path, body, forwarded, tenant, (cost, kv), priority_class, stream,
-                guard_headers, usage,
+                send, path, body, forwarded, tenant, (cost, kv, request.sequences),
+                priority_class, stream, guard_headers, usage,
             )  # fmt: skip
         except asyncio.CancelledError:
             if not conn.gone:
@@ -322,6 +341,7 @@ class GuardApp:
         finally:
             conn.finished = True
             watcher.cancel()
+            self._stop_waiting(usage)
             now = asyncio.get_running_loop().time()
             if usage.status:
                 self.metrics.served(priority_class.name, usage.arrived, usage.first_at, now)
@@ -329,56 +349,88 @@ class GuardApp:
                 used = usage.used_tokens(est, stream)
                 quota.quota.settle(reservation, used, now, sent=usage.sent)
                 quota.settled()
-                self.metrics.tokens(tenant.name, est.total, used if usage.sent else 0)
+                self.metrics.tokens(tenant.name, reservation.tokens, used if usage.sent else 0)
         return None
 
-    async def _estimate(
+    async def _charge(
         self,
+        send: Any,
+        quota: QuotaGate,
+        tenant: str,
         path: str,
         payload: dict[str, Any],
         priority_class: PriorityClass,
-        quota: TenantQuota,
-    ) -> Estimate:
-        if not quota.limits.counts_tokens:
-            return Estimate(0, 0, True)  # only requests and concurrency are limited
-        up = self.upstream
-        return await estimate(
-            up.session,
-            up.base_url,
-            up.headers([], True),
-            path,
-            payload,
-            priority_class.default_max_tokens,
-        )
+    ) -> tuple[Reservation, Estimate] | None:
+        """Reserve the request's cost on its tenant's quota; or answer 429 (or 400 for a
+        request that can never fit) and return None, holding nothing.
+
+        The cheap part first: one request, its concurrency slot and its completion budget
+        (a lower bound on its tokens), so a request over its limit costs the engine nothing.
+        Only then is the prompt counted (vLLM's /tokenize) and added. If the buckets cannot
+        pay that part now, the hold is given back whole and the request waits for its full
+        cost like any other (its time waited so far counts against max_wait_s)."""
+        limits = quota.quota.limits
+        max_wait_s = priority_class.max_wait_s if priority_class.wait_on_limit else 0.0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        est = Estimate(0, 0, True)
+        if limits.counts_tokens:
+            completion = completion_budget(path, payload, priority_class.default_max_tokens)
+            est = Estimate(0, completion, False)
+        held = await quota.reserve(est.total, max_wait_s, priority_class.max_queue)
+        if isinstance(held, Denied):
+            await self._rate_limited(send, tenant, quota.quota, held, est)
+            return None
+        if not limits.counts_tokens:
+            return held, est
+        try:
+            est = await estimate(
+                self.upstream.tokenize, path, payload, priority_class.default_max_tokens
+            )
+        except BaseException:  # the client left while its prompt was counted
+            quota.quota.settle(held, 0, loop.time(), sent=False)
+            quota.settled()
+            raise
+        extra = est.total - held.tokens
+        if extra > 0 and not quota.quota.top_up(held, extra, loop.time()):
+            quota.quota.settle(held, 0, loop.time(), sent=False)
+            quota.settled()
+            waited_s = loop.time() - started
+            wait_s = max(0.0, max_wait_s - waited_s)
+            held = await quota.reserve(est.total, wait_s, priority_class.max_queue)
+            if isinstance(held, Denied):
+                await self._rate_limited(send, tenant, quota.quota, held, est)
+                return None
+        return held, est
 
     async def _kv_tokens(
         self,
         path: str,
-        payload: dict[str, Any],
+        request: ParsedRequest,
         body_bytes: int,
         est: Estimate,
         completion: int,
         priority_class: PriorityClass,
     ) -> int:
-        """KV-cache tokens the request reserves: its prompt + completion budget, capped at
-        the model's max_model_len. The prompt is counted exactly (vLLM's /tokenize) only
-        where it matters: a request whose tokenizer-free upper bound already fits the
-        headroom reserves the bound and costs nothing extra."""
+        """KV-cache tokens the request reserves: its prompt + completion budget for each of
+        its n sequences, each capped at the model's max_model_len. The prompt is counted
+        exactly (vLLM's /tokenize) only where it matters: a request whose tokenizer-free
+        upper bound already fits the headroom reserves the bound and costs nothing extra."""
         if self.admission.kv.capacity is None:
             return 0
+        payload = request.payload
         if est.total and est.exact_prompt:  # already counted for the tenant's quota
             prompt = est.prompt_tokens
         else:
             prompt = prompt_token_bound(path, payload, body_bytes)
-            if prompt + completion > self.admission.kv_headroom(priority_class):
-                up = self.upstream
-                exact = await estimate(
-                    up.session, up.base_url, up.headers([], True), path, payload, completion
-                )
-                if exact.exact_prompt:
-                    prompt = exact.prompt_tokens
+            if prompt * request.n + completion > self.admission.kv_headroom(priority_class):
+                body = tokenize_request(path, payload)
+                exact = None if body is None else await self.upstream.tokenize(body)
+                if exact is not None:
+                    prompt = exact
+        tokens = prompt * request.n + completion
         limit = self.monitor.max_model_len
-        return min(prompt + completion, limit) if limit else prompt + completion
+        return min(tokens, limit * request.sequences) if limit else tokens
 
     async def _rate_limited(
         self, send: Any, tenant: str, quota: TenantQuota, denied: Denied, est: Estimate
@@ -387,11 +439,16 @@ class GuardApp:
         headers = _ratelimit_headers(quota, now)
         self.metrics.rate_limited(tenant, denied.dimension)
         if denied.retry_after_s == float("inf"):
+            needs = (
+                f"an estimated {est.total} tokens ({est.prompt_tokens} prompt + "
+                f"{est.completion_tokens} completion)"
+                if est.prompt_tokens
+                else f"at least {est.completion_tokens} tokens for its completion"
+            )
             return await errors.ErrorResponse(
                 400,
-                f"This request needs an estimated {est.total} tokens ({est.prompt_tokens} "
-                f"prompt + {est.completion_tokens} completion), more than the {denied.dimension} "
-                f"limit of {denied.limit:g} can ever allow; lower max_tokens or split it.",
+                f"This request needs {needs}, more than the {denied.dimension} limit of "
+                f"{denied.limit:g} can ever allow; lower max_tokens or split it.",
                 "invalid_request_error",
                 "request_exceeds_limit",
                 param="max_tokens",
@@ -416,20 +473,24 @@ class GuardApp:
         body: bytes,
         forwarded: list[tuple[bytes, bytes]],
         tenant: Tenant,
-        size: tuple[float, int],
+        size: tuple[float, int, int],
         priority_class: PriorityClass,
         stream: bool,
         guard_headers: list[tuple[bytes, bytes]],
         usage: _Usage,
     ) -> None:
-        """`size`: the request's fair-queueing cost and the KV tokens it reserves."""
+        """`size`: the request's fair-queueing cost, the KV tokens it reserves and the
+        engine slots (sequences) it holds."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        cost, kv = size
+        cost, kv, seqs = size
         try:
-            ticket = await self.gate.acquire(priority_class, tenant.name, cost, tenant.weight, kv)
+            ticket = await self.gate.acquire(
+                priority_class, tenant.name, cost, tenant.weight, kv, seqs
+            )
         except Refused as refused:
             return await self._refuse(send, refused)
+        self._stop_waiting(usage)
         try:
             waited_s = loop.time() - started
             self.metrics.queue_wait[priority_class.name].observe(waited_s)
@@ -439,6 +500,12 @@ class GuardApp:
         finally:
             self.gate.release(ticket)
         return None
+
+    def _stop_waiting(self, usage: _Usage) -> None:
+        """The request left the guard's waiting stages (admitted, refused or gone): its
+        body no longer counts against the waiting-bytes budget."""
+        self._waiting_bytes -= usage.waiting_bytes
+        usage.waiting_bytes = 0
 
     async def _refuse(self, send: Any, refused: Refused) -> None:
         name = refused.priority_class.name
@@ -609,17 +676,26 @@ def _ratelimit_headers(quota: TenantQuota, now: float) -> list[tuple[bytes, byte
     return headers
 
 
-def _parse_payload(raw: bytes) -> dict[str, Any] | errors.ErrorResponse:
-    try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return errors.bad_request(f"Request body is not valid JSON: {exc}.")
-    if not isinstance(payload, dict):
-        return errors.bad_request("Request body must be a JSON object.")
-    stream = payload.get("stream")
-    if stream is not None and type(stream) is not bool:
-        return errors.bad_request("'stream' must be a boolean.", param="stream")
-    return payload
+_WAITING_MEMORY_FULL = errors.ErrorResponse(
+    503,
+    "vllm-guard holds as many waiting request bodies as its memory budget allows "
+    "(guard.max_waiting_body_bytes); retry after the delay in the retry-after header.",
+    "service_unavailable",
+    "waiting_memory_full",
+)
+_SEVERAL_AUTHORIZATIONS = errors.bad_request("Send exactly one Authorization header.")
+_TOO_DEEP = errors.bad_request("Request body is nested too deeply.")
+
+
+def _too_many_sequences(
+    request: ParsedRequest, priority_class: PriorityClass, max_seqs: int
+) -> errors.ErrorResponse:
+    return errors.bad_request(
+        f"This request runs {request.sequences} sequences ({request.prompts} prompts x n="
+        f"{request.n}); class {priority_class.name!r} runs at most {max_seqs} at once. "
+        "Split it into smaller requests.",
+        param="n" if request.prompts == 1 else "prompt",
+    )
 
 
 async def _watch_disconnect(receive: Any, conn: _Connection, task: asyncio.Task[Any]) -> None:

@@ -8,6 +8,7 @@ from vllm_guard.config import PriorityClass, Tenant
 from vllm_guard.errors import ErrorResponse, bad_request
 
 CLASS_HEADER = b"x-vllm-guard-class"
+_PRIORITY_BOUND = 2**31  # vLLM hands priorities to its engine core as 64-bit integers
 
 
 def resolve_class(
@@ -43,6 +44,9 @@ def clamp_priority(requested: object, priority_class: PriorityClass) -> int | Er
     """The vLLM `priority` to send: the class's, or the client's own if it is less urgent."""
     if requested is None:
         return priority_class.vllm_priority
-    if type(requested) is not int:
-        return bad_request("'priority' must be an integer.", param="priority")
+    if type(requested) is not int or not -_PRIORITY_BOUND <= requested < _PRIORITY_BOUND:
+        return bad_request(
+            f"'priority' must be an integer from {-_PRIORITY_BOUND} to {_PRIORITY_BOUND - 1}.",
+            param="priority",
+        )
     return max(requested, priority_class.vllm_priority)

@@ -194,7 +194,7 @@ class LimitedClient:
         `RetriesExhausted` when every attempt failed retryably."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        cost = heuristic_prompt_tokens(path, body) + completion_budget(body, 256)
+        cost = heuristic_prompt_tokens(path, body) + completion_budget(path, body, 256)
         last: Response | BaseException | None = None
         retry: RetryEvent | None = None  # this call's pending retry, if any
         for attempt in range(1, self.max_attempts + 1):

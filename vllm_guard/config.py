@@ -67,6 +67,26 @@ class GuardSettings(BaseModel):
 
     max_body_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
     """Largest request body accepted, in bytes; larger ones get 413."""
+    max_waiting_body_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024 * 1024
+    """Bytes of request bodies the guard may hold for requests not yet admitted (waiting
+    for their tenant's budget or in a class queue), over all classes; beyond it new
+    requests get 503 with retry-after. Bounds the memory a flood of queued work takes
+    (max_queue x max_body_bytes could be gigabytes); parsed requests take a few times
+    their body's size in memory."""
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024
+    """Largest request head (request line and headers) accepted, in bytes; larger: 431."""
+    max_headers: Annotated[int, Field(ge=8)] = 100
+    """Most request headers accepted; more: 431."""
+    header_timeout_s: Annotated[float, Field(gt=0, strict=False)] = 10.0
+    """Time a client has to send a whole request head, from its connection opening or the
+    request's first byte; slower: 408 and the connection is closed."""
+    body_timeout_s: Annotated[float, Field(gt=0, strict=False)] = 60.0
+    """Time a client has to send a whole request body after its head; slower: 408."""
+    max_connections: Annotated[int, Field(ge=1)] = 4096
+    """Client connections open at once; one more is answered 503 and closed."""
+    send_stall_timeout_s: Annotated[float, Field(gt=0, strict=False)] = 60.0
+    """How long the guard waits on a client that reads none of its response before it drops
+    the connection (releasing the request's slot, KV and quota; vLLM aborts the request)."""
     drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0
     """On SIGTERM/Ctrl-C: how long in-flight requests may take to finish before they are cut."""
     upstream_connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
@@ -77,6 +97,9 @@ class GuardSettings(BaseModel):
     """`retry-after` sent with 503s while the engine is starting, restarting or unreachable."""
     anonymous_tenant: str | None = None
     """Tenant for requests without a known API key. Unset (the default): such requests get 401."""
+    max_concurrent_tokenize: Annotated[int, Field(ge=1, le=1024)] = 8
+    """vLLM `/tokenize` calls the guard makes at once to count prompts; a request that
+    finds them all busy is counted by a tokenizer-free estimate instead (never waits)."""
     upstream_api_key: str | None = None
     """Key the guard presents to vLLM (`env:VAR`), when vLLM runs with `--api-key`."""
 

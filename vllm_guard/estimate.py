@@ -5,7 +5,8 @@ model's chat template and returns exactly the `usage.prompt_tokens` the request 
 it runs in vLLM's API server and never touches the engine). When /tokenize cannot answer,
 a heuristic of one token per 4 bytes of prompt text (plus 4 per chat message) stands in.
 Completion tokens are the request's `max_completion_tokens` or `max_tokens`, or the
-class's `default_max_tokens` when it sets neither, times `n`.
+class's `default_max_tokens` when it sets neither, times the sequences it runs (prompts x
+`n`; `body.py` has normalised those fields as vLLM reads them).
 
 After: the response's `usage`. A stream asks vLLM for usage (`stream_options.include_usage`)
 even when the client did not; `UsageTap` reads it from the final chunk and removes that
@@ -19,13 +20,13 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
-import aiohttp
+from vllm_guard.body import prompt_count
 
 HEURISTIC_BYTES_PER_TOKEN = 4
 HEURISTIC_TOKENS_PER_MESSAGE = 4
-_TOKENIZE_TIMEOUT = aiohttp.ClientTimeout(total=5)
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
@@ -39,7 +40,7 @@ class Estimate(NamedTuple):
         return self.prompt_tokens + self.completion_tokens
 
 
-def completion_budget(payload: dict[str, Any], default_max_tokens: int) -> int:
+def completion_budget(path: str, payload: dict[str, Any], default_max_tokens: int) -> int:
     budget = default_max_tokens
     for key in ("max_tokens", "max_completion_tokens"):  # the latter wins, as in vLLM
         value = payload.get(key)
@@ -47,7 +48,7 @@ def completion_budget(payload: dict[str, Any], default_max_tokens: int) -> int:
             budget = value
     n = payload.get("n")
     copies = n if type(n) is int and n >= 1 else 1
-    return budget * copies
+    return budget * copies * prompt_count(path, payload)
 
 
 def heuristic_prompt_tokens(path: str, payload: dict[str, Any]) -> int:
@@ -58,9 +59,10 @@ def heuristic_prompt_tokens(path: str, payload: dict[str, Any]) -> int:
         return math.ceil(_utf8_len(text) / HEURISTIC_BYTES_PER_TOKEN) + (
             HEURISTIC_TOKENS_PER_MESSAGE * n_messages
         )
+    ids = _token_ids(payload.get("prompt"))
+    if ids is not None:
+        return ids  # already token ids
     prompt = payload.get("prompt")
-    if isinstance(prompt, list) and all(type(t) is int for t in prompt):
-        return len(prompt)  # already token ids
     text = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
     return math.ceil(_utf8_len(text) / HEURISTIC_BYTES_PER_TOKEN)
 
@@ -79,10 +81,24 @@ def prompt_token_bound(path: str, payload: dict[str, Any], body_bytes: int) -> i
         messages = payload.get("messages")
         n_messages = len(messages) if isinstance(messages, list) else 1
         return body_bytes + BOUND_TOKENS_PER_MESSAGE * n_messages + BOUND_TOKENS_PER_PROMPT
-    prompt = payload.get("prompt")
-    if isinstance(prompt, list) and all(type(t) is int for t in prompt):
+    ids = _token_ids(payload.get("prompt"))
+    if ids is not None:
+        return ids
+    return body_bytes + BOUND_TOKENS_PER_PROMPT * prompt_count(path, payload)
+
+
+def _token_ids(prompt: Any) -> int | None:
+    """How many token ids a prompt given as ids holds (one list, or a list of lists);
+    None for text."""
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
         return len(prompt)
-    return body_bytes + BOUND_TOKENS_PER_PROMPT
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(p, list) and all(type(t) is int for t in p) for p in prompt)
+    ):
+        return sum(len(p) for p in prompt)
+    return None
 
 
 def _utf8_len(text: str) -> int:
@@ -108,26 +124,18 @@ def tokenize_request(path: str, payload: dict[str, Any]) -> dict[str, Any] | Non
 
 
 async def estimate(
-    session: aiohttp.ClientSession,
-    base_url: str,
-    headers: dict[str, str],
+    tokenize: Callable[[dict[str, Any]], Awaitable[int | None]],
     path: str,
     payload: dict[str, Any],
     default_max_tokens: int,
 ) -> Estimate:
-    completion = completion_budget(payload, default_max_tokens)
+    """`tokenize(body)`: vLLM's /tokenize count for a body, None when it cannot say."""
+    completion = completion_budget(path, payload, default_max_tokens)
     body = tokenize_request(path, payload)
     if body is not None:
-        try:
-            async with session.post(
-                base_url + "/tokenize", json=body, headers=headers, timeout=_TOKENIZE_TIMEOUT
-            ) as resp:
-                if resp.status == 200:
-                    count = (await resp.json()).get("count")
-                    if type(count) is int:
-                        return Estimate(count, completion, True)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
-            pass
+        count = await tokenize(body)
+        if count is not None:
+            return Estimate(count, completion, True)
     return Estimate(heuristic_prompt_tokens(path, payload), completion, False)
 
 

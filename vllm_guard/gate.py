@@ -43,10 +43,11 @@ class Gate:
         cost: float = 1.0,
         weight: float = 1.0,
         kv: int = 0,
+        seqs: int = 1,
     ) -> Ticket:
         loop = asyncio.get_running_loop()
         decision, ticket = self.admission.enter(
-            priority_class, loop.time(), tenant, cost, weight, kv
+            priority_class, loop.time(), tenant, cost, weight, kv, seqs
         )
         if decision is Decision.ADMITTED:
             return ticket

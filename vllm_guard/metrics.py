@@ -31,6 +31,7 @@ OUTCOMES = (
     "ok",  # the engine answered (any status it chose)
     "queue_full",  # refused: the class's queue was full
     "queue_timeout",  # refused: waited max_wait_s without a slot
+    "waiting_memory_full",  # refused: guard.max_waiting_body_bytes of bodies already wait
     "engine_unavailable",
     "upstream_error",  # connection lost or timed out after admission
     "client_disconnect",
@@ -51,7 +52,9 @@ class _StateCollector(Collector):
             "vllm_guard_queue_depth", "Requests waiting in the guard for a slot.", labels=["class"]
         )
         in_flight = GaugeMetricFamily(
-            "vllm_guard_in_flight", "Requests admitted and not yet finished.", labels=["class"]
+            "vllm_guard_in_flight",
+            "Engine slots held by admitted, unfinished requests (one per sequence vLLM runs).",
+            labels=["class"],
         )
         limit = GaugeMetricFamily(
             "vllm_guard_slot_limit",

@@ -194,6 +194,17 @@ class TenantQuota:
         self.in_flight += 1
         return Reservation(self, tokens)
 
+    def top_up(self, reservation: Reservation, tokens: int, now: float) -> bool:
+        """Add `tokens` to an open reservation on every token bucket at once, or on none
+        (False: some bucket cannot pay them now). The request was counted already."""
+        costs = [(b, float(c)) for d, b, c in self._costs(tokens) if d != REQUESTS]
+        if any(bucket.wait_s(cost, now) > 0 for bucket, cost in costs):
+            return False
+        for bucket, cost in costs:
+            bucket.reserve(cost, now)
+        reservation.tokens += tokens
+        return True
+
     def settle(
         self, reservation: Reservation, used_tokens: int, now: float, sent: bool = True
     ) -> None:

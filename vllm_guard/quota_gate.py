@@ -45,25 +45,39 @@ class QuotaGate:
     def waiting(self) -> int:
         return self._live
 
+    def refusal(self, tokens: int, max_wait_s: float, max_waiting: int = 1000) -> Denied | None:
+        """The refusal `reserve` answers at once for a request of `tokens`, or None when it
+        would be admitted or wait."""
+        now = asyncio.get_running_loop().time()
+        denied = self.quota.check(tokens, now)
+        if not self._live:
+            if denied is not None and not _worth_waiting(denied, max_wait_s):
+                return denied
+            return None
+        if denied is not None and denied.retry_after_s == math.inf:
+            return denied  # waiting cannot help
+        if self._live >= max_waiting:
+            return denied or self._head_denial(now)
+        return None
+
     async def reserve(
         self, tokens: int, max_wait_s: float, max_waiting: int = 1000
     ) -> Reservation | Denied:
         """A reservation, waiting up to `max_wait_s` for the buckets to allow it; or the
         refusal that still stands at the end (at once when waiting cannot help or
         `max_waiting` requests of the tenant already wait)."""
+        refused = self.refusal(tokens, max_wait_s, max_waiting)
+        if refused is not None:
+            return refused
         loop = asyncio.get_running_loop()
         now = loop.time()
         if not self._live:
             result = self.quota.try_reserve(tokens, now)
-            if isinstance(result, Reservation) or not _worth_waiting(result, max_wait_s):
+            if isinstance(result, Reservation):
                 return result
             denied: Denied | None = result
         else:
             denied = self.quota.check(tokens, now)
-            if denied is not None and denied.retry_after_s == math.inf:
-                return denied  # waiting cannot help
-            if self._live >= max_waiting:
-                return denied or self._head_denial(now)
         if self.on_delay is not None:
             self.on_delay((denied or self._head_denial(now)).dimension)
         waiter = _Waiter(tokens, now + max_wait_s, loop.create_future())

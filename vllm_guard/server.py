@@ -15,6 +15,7 @@ import uvicorn
 from vllm_guard.app import GuardApp
 from vllm_guard.config import CompiledConfig
 from vllm_guard.engine import EngineState, detect_scheduling_policy, poll_health
+from vllm_guard.http_server import protocol_class
 from vllm_guard.launcher import VllmSupervisor
 from vllm_guard.upstream import Upstream
 
@@ -40,7 +41,7 @@ def _uvicorn_server(app: GuardApp, host: str, port: int) -> uvicorn.Server:
         host=host,
         port=port,
         loop="none",
-        http="httptools",
+        http=protocol_class(app.config.guard, app.config.guard.unavailable_retry_after_s),
         lifespan="on",
         access_log=False,
         server_header=False,

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 
 from vllm_guard.config import GuardSettings
@@ -18,6 +20,7 @@ FORWARDED_REQUEST_HEADERS = frozenset(
 # Response headers passed back to the client (the guard adds its own).
 FORWARDED_RESPONSE_HEADERS = frozenset({b"content-type", b"x-request-id"})
 UPSTREAM_KEEPALIVE_S = 3.0
+_TOKENIZE_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
 class Upstream:
@@ -32,6 +35,7 @@ class Upstream:
         self._auth = (b"authorization", b"Bearer " + api_key.encode()) if api_key else None
         self._session: aiohttp.ClientSession | None = None
         self._pool: Pool | None = None
+        self._tokenize_free = settings.max_concurrent_tokenize
 
     async def post(self, path: str, body: bytes, forwarded: list[tuple[bytes, bytes]]) -> Response:
         """POST a JSON `body` to `path` (one of the guard's fixed paths) with the client's
@@ -54,12 +58,40 @@ class Upstream:
         head.append(b"\r\n")
         return await self._pool.post(b"".join(head), body)
 
+    async def tokenize(self, body: dict[str, Any]) -> int | None:
+        """vLLM's `POST /tokenize` count for `body`; None when vLLM cannot answer, or at once
+        when `max_concurrent_tokenize` calls are already out (callers then use a bound or
+        a heuristic: a flood of requests never becomes a flood of engine calls)."""
+        if self._tokenize_free <= 0:
+            return None
+        self._tokenize_free -= 1
+        try:
+            async with self.session.post(
+                self.base_url + "/tokenize",
+                json=body,
+                headers=self.headers([], True),
+                timeout=_TOKENIZE_TIMEOUT,
+            ) as resp:
+                if resp.status == 200:
+                    count = (await resp.json()).get("count")
+                    if type(count) is int:
+                        return count
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+            pass
+        finally:
+            self._tokenize_free += 1
+        return None
+
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             # Idle connections are dropped before vLLM's own keep-alive timeout (uvicorn's
             # 5 s there), so the guard never sends a request on a socket vLLM is closing.
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S)
+            # /tokenize calls are bounded above; a few more for /v1/models.
+            connector = aiohttp.TCPConnector(
+                limit=self._settings.max_concurrent_tokenize + 4,
+                keepalive_timeout=UPSTREAM_KEEPALIVE_S,
+            )
             timeout = aiohttp.ClientTimeout(
                 total=None,
                 sock_connect=self._settings.upstream_connect_timeout_s,

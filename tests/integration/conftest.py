@@ -27,6 +27,7 @@ KEYS = {
     "BULK_FLOOD_KEY": "it-bulk-flood-key-c3b2",
     "BULK_TRICKLE_KEY": "it-bulk-trickle-key-90fe",
     "BATCH_RUNNER_KEY": "it-batch-runner-key-4d2a",
+    "COUNTED_KEY": "it-counted-key-61c8",
 }
 STARTUP_TIMEOUT_S = 600
 

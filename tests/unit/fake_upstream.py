@@ -25,6 +25,9 @@ class FakeVllm:
         self._runner: web.AppRunner | None = None
         self.url = ""
         self.tokenize_calls = 0
+        self.tokenize_peak = 0  # most /tokenize calls at once
+        self.tokenize_delay_s = 0.0
+        self._tokenizing = 0
         self.completion_tokens = 5  # tokens each fake answer "generates"
         # /metrics: a real vLLM 0.32 scrape; set metrics_status to 500 to make it fail.
         self.metrics_text = (Path(__file__).parent / "data" / "vllm_metrics.txt").read_text()
@@ -58,7 +61,13 @@ class FakeVllm:
 
     async def _tokenize(self, request: web.Request) -> web.Response:
         self.tokenize_calls += 1
-        return web.json_response({"count": self.prompt_tokens(await request.json())})
+        self._tokenizing += 1
+        self.tokenize_peak = max(self.tokenize_peak, self._tokenizing)
+        try:
+            await asyncio.sleep(self.tokenize_delay_s)
+            return web.json_response({"count": self.prompt_tokens(await request.json())})
+        finally:
+            self._tokenizing -= 1
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response(

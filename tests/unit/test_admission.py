@@ -133,6 +133,7 @@ ops = st.lists(
     st.tuples(
         st.sampled_from(["enter_i", "enter_b", "release", "cancel", "expire"]),
         st.floats(min_value=0, max_value=3),
+        st.integers(min_value=1, max_value=2),  # sequences (prompts x n) of the request
     ),
     max_size=200,
 )
@@ -144,7 +145,8 @@ ops = st.lists(
 def test_invariants_under_any_interleaving(queue_ahead, seq):
     """Slots never exceed their class limits, strict priority holds, nothing is lost:
     every ticket ends admitted, expired, refused or cancelled, and in-flight returns to 0.
-    With queue_ahead q, up to q more interactive requests (never batch) may be in vLLM."""
+    With queue_ahead q, up to q more interactive requests (never batch) may be in vLLM.
+    A request of several sequences holds a slot for each."""
     config = parse_config(
         BASE_CONFIG.replace("queue_ahead: 0", f"queue_ahead: {queue_ahead}"), "t.yaml", KEYS
     )
@@ -152,11 +154,12 @@ def test_invariants_under_any_interleaving(queue_ahead, seq):
     most = config.max_num_seqs + queue_ahead
     now = 0.0
     admitted, waiting, all_tickets = [], [], []
-    for op, dt in seq:
+    for op, dt, seqs in seq:
         now += dt
         if op in ("enter_i", "enter_b"):
             tenant = "ab"[int(now * 10) % 2]  # two tenants share each class fairly
-            d, t = adm.enter(inter if op == "enter_i" else batch, now, tenant, 1 + now % 7)
+            cls = inter if op == "enter_i" else batch
+            d, t = adm.enter(cls, now, tenant, 1 + now % 7, seqs=seqs)
             all_tickets.append(t)
             (
                 admitted if d is Decision.ADMITTED else waiting if d is Decision.QUEUED else []
@@ -170,13 +173,14 @@ def test_invariants_under_any_interleaving(queue_ahead, seq):
             adm.expire(now)
         waiting = [t for t in waiting if t.state is TicketState.WAITING]
         stats = {s.name: s for s in adm.statistics()}
-        assert adm.in_flight == len(admitted) <= most
+        assert adm.in_flight == sum(t.seqs for t in admitted) <= most
         assert stats["batch"].in_flight <= batch.slot_limit == config.max_num_seqs - 1
         assert stats["interactive"].queued + stats["batch"].queued == len(waiting)
         # Strict priority: a batch request is never admitted while interactive ones wait
-        # and the engine has a free slot for them.
-        if stats["interactive"].queued:
-            assert adm.in_flight == most
+        # and the engine has free slots for the first of them.
+        head = adm._by_rank[0].head()
+        if head is not None:
+            assert adm.in_flight + head.seqs > most
     while admitted:  # releasing admits the waiters, which are then released in turn
         admitted += adm.release(admitted.pop(0), now)
     assert adm.in_flight == 0

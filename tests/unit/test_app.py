@@ -268,3 +268,33 @@ def test_a_stream_left_unread_never_reaches_the_next_tenant(run, size):
             await fake.stop()
 
     run(main())
+
+
+async def test_bodies_of_waiting_requests_are_bounded(fake):
+    """guard.max_waiting_body_bytes: 64 KiB. With the batch slots held, queued requests of
+    ~20 kB fill it after three; the fourth gets 503 (its queue had room), and once the
+    queue drains the budget is whole again."""
+    config = BASE_CONFIG.replace("engine:", "guard: {max_waiting_body_bytes: 65536}\nengine:")
+    app = ready_app(parse_config(config, "test.yaml", KEYS), fake)
+    try:
+        fake.mode = "hang"
+        small = {"prompt": "x", "max_tokens": 1}
+        holders = [
+            asyncio.create_task(call(app, "POST", "/v1/completions", ETL, small)) for _ in range(3)
+        ]
+        await until(lambda: fake.active == 3)
+        big = {"prompt": "y" * 20_000, "max_tokens": 1}
+        waiters = [
+            asyncio.create_task(call(app, "POST", "/v1/completions", ETL, big)) for _ in range(3)
+        ]
+        await until(lambda: queued(app) == 3)
+        r = await call(app, "POST", "/v1/completions", ETL, big)
+        assert r.status == 503 and r.json()["error"]["code"] == "waiting_memory_full"
+        assert int(r.headers["retry-after"]) >= 1
+        fake.release.set()
+        assert [r.status for r in await asyncio.gather(*holders, *waiters)] == [200] * 6
+        assert app._waiting_bytes == 0 and in_flight(app) == 0
+        r = await call(app, "POST", "/v1/completions", ETL, big)
+        assert r.status == 200
+    finally:
+        await app.upstream.close()

@@ -117,9 +117,65 @@ async def test_a_request_that_can_never_fit_gets_400_at_once(app, fake):
     r = await call(app, "POST", "/v1/completions", ETL, {"prompt": "a", "max_tokens": 700})
     assert r.status == 400
     assert r.json()["error"]["code"] == "request_exceeds_limit"
-    assert "estimated 701 tokens" in r.json()["error"]["message"]
-    assert fake.requests == []
+    assert "at least 700 tokens" in r.json()["error"]["message"]
+    assert fake.requests == [] and fake.tokenize_calls == 0  # refused before any engine call
     assert level(app, "nightly-etl", TOKENS_DAY) == pytest.approx(600)
+    # One that fits on its completion alone is counted exactly, then refused on the total.
+    r = await call(app, "POST", "/v1/completions", ETL, {"prompt": "abc", "max_tokens": 598})
+    assert r.status == 400 and "estimated 601 tokens" in r.json()["error"]["message"]
+    assert fake.tokenize_calls == 1 and fake.requests == []
+
+
+TOKENIZED = """
+classes:
+  interactive: {vllm_priority: 0, max_wait_s: 5}
+  bulk: {vllm_priority: 20, max_wait_s: 5}
+tenants:
+  chat-ui:
+    class: interactive
+    api_keys: ["env:CHAT_UI_KEY"]
+    limits: {requests_per_minute: 1, tokens_per_minute: 100000}
+  nightly-etl:
+    class: bulk
+    api_keys: ["env:ETL_KEY"]
+    limits: {requests_per_minute: 1, tokens_per_minute: 100000}
+"""
+
+
+@pytest.mark.parametrize("headers", [CHAT, ETL], ids=["reject", "wait"])
+async def test_requests_over_the_limit_cost_the_engine_nothing(fake, headers):
+    """1 request/min and a token limit (so prompts are counted with vLLM's /tokenize):
+    of 20 requests one is served; the other 19 are refused without any engine call,
+    in the class that rejects and in the one that waits (the wait, 60 s, is past max_wait)."""
+    app = ready_app(parse_config(TOKENIZED, "test.yaml", KEYS), fake)
+    try:
+        body = {"prompt": "hello", "max_tokens": 3}
+        replies = await asyncio.gather(
+            *(call(app, "POST", "/v1/completions", headers, body) for _ in range(20))
+        )
+        assert sorted(r.status for r in replies) == [200] + [429] * 19
+        assert fake.tokenize_calls == 1 and len(fake.requests) == 1
+    finally:
+        await app.upstream.close()
+
+
+async def test_tokenize_calls_are_bounded(fake):
+    """More requests at once than max_concurrent_tokenize: the rest are counted by the
+    heuristic, and vLLM never sees more than the bound of /tokenize calls at a time."""
+    config = TOKENIZED.replace("requests_per_minute: 1,", "").replace(
+        "classes:", "guard: {max_concurrent_tokenize: 2}\nclasses:"
+    )
+    app = ready_app(parse_config(config, "test.yaml", KEYS), fake)
+    try:
+        fake.tokenize_delay_s = 0.2
+        body = {"prompt": "hello", "max_tokens": 3}
+        replies = await asyncio.gather(
+            *(call(app, "POST", "/v1/completions", CHAT, body) for _ in range(10))
+        )
+        assert [r.status for r in replies] == [200] * 10
+        assert fake.tokenize_calls == 2 and fake.tokenize_peak == 2
+    finally:
+        await app.upstream.close()
 
 
 async def test_concurrency_limit_and_release_on_disconnect(app, fake):

@@ -4,6 +4,8 @@ run as a program): what happens on real sockets between clients, the guard and a
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import socket
 import struct
@@ -43,13 +45,13 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
         time.sleep(0.1)
 
 
-@pytest.fixture
-def guarded(tmp_path) -> Iterator[tuple[int, Path]]:
+@contextlib.contextmanager
+def _guard_process(tmp_path: Path, config_text: str) -> Iterator[tuple[int, Path]]:
     """A stand-in engine in streaming mode "big", `vllm-guard proxy` before it: the guard's
     port and the processes' log."""
     engine_port, guard_port = free_port(), free_port()
     config = tmp_path / "limits.yaml"
-    config.write_text(CONFIG)
+    config.write_text(config_text)
     log = tmp_path / "processes.log"
     procs: list[subprocess.Popen[bytes]] = []
     with open(log, "wb") as out:
@@ -71,6 +73,12 @@ def guarded(tmp_path) -> Iterator[tuple[int, Path]]:
         for proc in procs:
             proc.terminate()
             proc.wait(10)
+
+
+@pytest.fixture
+def guarded(tmp_path) -> Iterator[tuple[int, Path]]:
+    with _guard_process(tmp_path, CONFIG) as guard:
+        yield guard
 
 
 def _stalled_stream(port: int, size: int) -> socket.socket:
@@ -122,3 +130,124 @@ def test_clients_that_stop_reading_and_reset_leak_nothing_to_the_next_tenant(gua
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     assert 'vllm_guard_in_flight{class="interactive"} 0.0' in metrics
     assert 'vllm_guard_in_flight{class="batch"} 0.0' in metrics
+
+
+# -- connection bounds -------------------------------------------------------------------
+
+BOUNDED = CONFIG.replace(
+    "engine:",
+    "guard: {max_header_bytes: 4096, max_headers: 20, header_timeout_s: 1.0, "
+    "body_timeout_s: 1.0, max_connections: 6, send_stall_timeout_s: 1.0}\nengine:",
+)
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory) -> Iterator[tuple[int, Path]]:
+    with _guard_process(tmp_path_factory.mktemp("bounded"), BOUNDED) as guard:
+        yield guard
+
+
+def _exchange(port: int, data: bytes, wait_s: float = 5.0) -> tuple[bytes, float]:
+    """Send `data`, read until the guard closes; the answer and how long it took."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(wait_s)
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            sock.sendall(data)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return answer, time.monotonic() - started
+
+
+def _error(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower(), head
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+REQUEST_LINE = b"POST /v1/completions HTTP/1.1\r\nhost: guard\r\n"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"x-big: " + b"a" * (8 * 2**20) + b"\r\n",  # one 8 MiB header
+        b"".join(b"x-h%d: 1\r\n" % i for i in range(30)),  # 30 headers
+        b"x-big: " + b"a" * 5000 + b"\r\n",  # just past the 4 KiB bound
+    ],
+    ids=["8MiB", "30-headers", "5000B"],
+)
+def test_a_request_head_past_its_bounds_is_a_431(bounded, extra):
+    port, _ = bounded
+    answer, took_s = _exchange(port, REQUEST_LINE + extra + b"content-length: 2\r\n\r\n{}")
+    status, error = _error(answer)
+    assert (status, error["code"]) == (431, "request_header_too_large")
+    assert took_s < 1.0  # refused on arrival, not after a deadline
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",  # connects and sends nothing
+        REQUEST_LINE + b"authorization: Bearer chat-",  # half a head, then silence
+    ],
+    ids=["nothing", "half-head"],
+)
+def test_a_head_that_does_not_arrive_in_time_is_a_408(bounded, data):
+    port, _ = bounded
+    answer, took_s = _exchange(port, data)
+    status, error = _error(answer)
+    assert (status, error["code"]) == (408, "request_timeout")
+    assert 0.9 < took_s < 3.0
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408_and_holds_nothing(bounded):
+    port, _ = bounded
+    head = REQUEST_LINE + b"authorization: Bearer chat-secret\r\ncontent-length: 100\r\n\r\n"
+    answer, took_s = _exchange(port, head + b'{"prompt": "x",')
+    status, error = _error(answer)
+    assert (status, error["code"]) == (408, "request_timeout")
+    assert 0.9 < took_s < 3.0
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'vllm_guard_in_flight{class="interactive"} 0.0' in metrics
+
+
+def test_connections_past_the_limit_get_503(bounded):
+    port, _ = bounded
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+    try:
+        time.sleep(0.2)
+        answer, took_s = _exchange(port, b"")
+        status, error = _error(answer)
+        assert (status, error["code"]) == (503, "too_many_connections")
+        assert b"retry-after:" in answer.lower() and took_s < 0.5
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.2)  # the guard sees them close; a new connection is served again
+    assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+
+
+def test_a_client_that_stops_reading_a_stream_is_dropped_and_releases_its_slot(bounded):
+    port, _ = bounded
+    sock = _stalled_stream(port, 16 * 2**20)  # reads none of 16 MiB
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        held = 'vllm_guard_in_flight{class="interactive"} 1.0'
+        deadline = time.monotonic() + 5
+        while held not in httpx.get(url).text:
+            assert time.monotonic() < deadline, "the stream never started"
+            time.sleep(0.05)
+        started = time.monotonic()
+        while held in (text := httpx.get(url).text):
+            assert time.monotonic() - started < 5, "the stalled client still holds its slot"
+            time.sleep(0.1)
+        assert time.monotonic() - started > 0.5  # after the stall timeout, not at once
+        assert 'vllm_guard_in_flight{class="interactive"} 0.0' in text
+        assert 'vllm_guard_requests_total{class="interactive",outcome="client_disconnect"} 1.0' in (
+            text
+        )
+    finally:
+        sock.close()

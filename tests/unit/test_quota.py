@@ -185,6 +185,25 @@ def test_unsent_request_is_refunded_entirely():
     assert quota.buckets[TOKENS_DAY].level == pytest.approx(1000)
 
 
+def test_top_up_adds_to_every_token_bucket_or_to_none():
+    quota = TenantQuota(
+        Limits(requests_per_minute=60, tokens_per_minute=600, tokens_per_day=700), now=0.0
+    )
+    r = quota.try_reserve(300, 0.0)
+    assert isinstance(r, Reservation)
+    assert quota.top_up(r, 250, 0.0)
+    assert r.tokens == 550
+    assert quota.buckets[TOKENS_MINUTE].level == pytest.approx(50)
+    assert quota.buckets[TOKENS_DAY].level == pytest.approx(150)
+    assert quota.buckets[REQUESTS].level == pytest.approx(59)  # still one request
+    assert not quota.top_up(r, 100, 0.0)  # the minute bucket cannot pay: neither pays
+    assert quota.buckets[TOKENS_DAY].level == pytest.approx(150)
+    quota.settle(r, 0, 0.0, sent=False)  # the whole topped-up hold comes back
+    assert quota.buckets[TOKENS_MINUTE].level == pytest.approx(600)
+    assert quota.buckets[TOKENS_DAY].level == pytest.approx(700)
+    assert quota.in_flight == 0
+
+
 def test_concurrency_cap_counts_open_reservations():
     quota = TenantQuota(Limits(max_concurrent=2), now=0.0)
     a, b = quota.try_reserve(1, 0.0), quota.try_reserve(1, 0.0)

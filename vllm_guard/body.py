@@ -1,0 +1,135 @@
+"""The request body as vLLM will read it: parsed once, checked, and normalised.
+
+vLLM's request models are pydantic models in lax mode, so `"max_tokens": "1500"`,
+`1500.0` and `"n": "16"` run as the integers 1500 and 16. The guard reads the fields it
+counts (`max_tokens`, `max_completion_tokens`, `n`) with the same pydantic coercion and
+forwards the integers it read, so what it charges, reserves and admits is what vLLM runs.
+A request runs `prompts x n` sequences (`prompt` may be a list of prompts on
+/v1/completions); each holds an engine slot. Forms the guard cannot count are refused with
+a 400 that says why: beam search (vLLM expands it into many engine requests of its own),
+`best_of` above 1, and `prompt_embeds` (a prompt the guard cannot measure).
+
+Refused as bad input, each with an OpenAI-shaped 400 and nothing reserved: bodies that are
+not JSON objects, nested past the parser's recursion limit, or that hold NaN or Infinity
+(not JSON, though Python's parser accepts them); and counted integers that are negative
+or beyond what any engine runs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from vllm_guard import errors
+
+# Lax, as vLLM's request models read them (the same pydantic coercion).
+_INT = TypeAdapter(int | None)
+_BOOL = TypeAdapter(bool | None)
+MAX_COUNTED_INT = 2**31 - 1
+"""Largest max_tokens / n the guard accepts; far beyond any model's context length."""
+
+_COUNTED_INTS = ("max_tokens", "max_completion_tokens", "n", "best_of")
+
+
+class ParsedRequest:
+    """A generation request's JSON body, normalised. `sequences` = prompts x n."""
+
+    __slots__ = ("payload", "prompts", "stream")
+
+    def __init__(self, payload: dict[str, Any], prompts: int, stream: bool) -> None:
+        self.payload = payload
+        self.prompts = prompts
+        self.stream = stream
+
+    @property
+    def n(self) -> int:
+        n = self.payload.get("n")
+        return n if isinstance(n, int) and n >= 1 else 1
+
+    @property
+    def sequences(self) -> int:
+        return self.prompts * self.n
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_request(raw: bytes, path: str) -> ParsedRequest | errors.ErrorResponse:
+    """Parse and normalise a /v1/completions or /v1/chat/completions body."""
+    try:
+        payload = json.loads(raw, parse_constant=_no_constants)
+    except RecursionError:
+        return errors.bad_request("Request body is nested too deeply.")
+    except (ValueError, UnicodeDecodeError) as exc:
+        return errors.bad_request(f"Request body is not valid JSON: {exc}.")
+    if not isinstance(payload, dict):
+        return errors.bad_request("Request body must be a JSON object.")
+    stream = payload.get("stream")
+    if stream is not None and type(stream) is not bool:
+        return errors.bad_request("'stream' must be a boolean.", param="stream")
+    for key in _COUNTED_INTS:
+        if key not in payload:
+            continue
+        value = _lax(_INT, payload[key])
+        if value is _INVALID or (value is not None and not 0 <= value <= MAX_COUNTED_INT):
+            return errors.bad_request(
+                f"'{key}' must be an integer from 0 to {MAX_COUNTED_INT}.", param=key
+            )
+        payload[key] = value
+    if "n" in payload and payload["n"] == 0:
+        return errors.bad_request("'n' must be at least 1.", param="n")
+    if (payload.get("best_of") or 1) > 1:
+        return _uncountable("best_of", "'best_of' above 1 is not supported; use n")
+    beam = _lax(_BOOL, payload.get("use_beam_search"))
+    if beam is _INVALID:
+        return errors.bad_request("'use_beam_search' must be a boolean.", "use_beam_search")
+    if beam:
+        return _uncountable("use_beam_search", "beam search is not supported through the guard")
+    if payload.get("prompt_embeds") is not None:
+        return _uncountable("prompt_embeds", "prompt_embeds cannot be measured by the guard")
+    return ParsedRequest(payload, prompt_count(path, payload), stream is True)
+
+
+def prompt_count(path: str, payload: dict[str, Any]) -> int:
+    """Prompts vLLM runs for the request: a completion's `prompt` may be a list of strings
+    or of token-id lists (a list of ints is one prompt). Malformed forms count 1; vLLM
+    refuses them."""
+    if path.endswith("/chat/completions"):
+        return 1
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
+
+
+_INVALID = object()
+
+
+def _lax(adapter: TypeAdapter[Any], value: Any) -> Any:
+    try:
+        return adapter.validate_python(value)
+    except (ValidationError, TypeError):
+        return _INVALID
+
+
+def _uncountable(param: str, why: str) -> errors.ErrorResponse:
+    return errors.ErrorResponse(
+        400,
+        f"{why}: vllm-guard admits, reserves and charges each request by the sequences it "
+        "runs, and cannot count this one.",
+        "invalid_request_error",
+        "unsupported_parameter",
+        param,
+    )
+
+
+def dump(payload: dict[str, Any]) -> bytes | None:
+    """The body to forward; None when it nests too deeply to serialise. ASCII output: a
+    lone surrogate a client sent ("\\ud800") stays escaped, never a 500."""
+    try:
+        return json.dumps(payload, separators=(",", ":")).encode()
+    except RecursionError:
+        return None

@@ -1,0 +1,197 @@
+"""The guard's HTTP/1.1 server connection: uvicorn's httptools protocol with the bounds a
+public endpoint needs, which uvicorn does not set for httptools.
+
+- request head (request line + headers): at most `max_header_bytes` bytes and
+  `max_headers` headers, else 431; complete within `header_timeout_s` of the connection
+  opening or the request's first byte, else 408;
+- request body: complete within `body_timeout_s` of the head, else 408;
+- open connections: at most `max_connections`; one more gets 503 with retry-after;
+- a client that stops reading its response: once the guard has waited `send_stall_timeout_s`
+  to write more, the connection is dropped. The app sees a disconnect and releases the
+  request's slot, KV reservation and quota; vLLM is told to abort.
+
+Malformed HTTP gets 400. Every refusal is an OpenAI-shaped JSON body on a
+`connection: close` response. Where the app already runs (the body deadline), closing the
+connection is what ends it: the app sees its client leave while it reads the body, before
+anything was reserved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from vllm_guard.config import GuardSettings
+from vllm_guard.errors import error_body
+
+log = logging.getLogger("vllm_guard.http")
+
+
+def _canned(status: bytes, message: str, type_: str, code: str, extra: bytes = b"") -> bytes:
+    body = error_body(message, type_, code)
+    return (
+        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n%s\r\n%s" % (status, len(body), extra, body)
+    )
+
+
+class _Refuse(Exception):
+    """Raised from a parser callback: answer these bytes and close the connection."""
+
+    def __init__(self, response: bytes) -> None:
+        super().__init__()
+        self.response = response
+
+
+def protocol_class(settings: GuardSettings, retry_after_s: int) -> type[HttpToolsProtocol]:
+    """The protocol class for uvicorn's `http=`, with the bounds in `settings`."""
+    head_too_large = _canned(
+        b"431 Request Header Fields Too Large",
+        f"Request head larger than {settings.max_header_bytes} bytes or with more than "
+        f"{settings.max_headers} headers.",
+        "invalid_request_error",
+        "request_header_too_large",
+    )
+    head_timeout = _canned(
+        b"408 Request Timeout",
+        f"The request head did not arrive within {settings.header_timeout_s:g} s.",
+        "invalid_request_error",
+        "request_timeout",
+    )
+    body_timeout = _canned(
+        b"408 Request Timeout",
+        f"The request body did not arrive within {settings.body_timeout_s:g} s.",
+        "invalid_request_error",
+        "request_timeout",
+    )
+    malformed = _canned(
+        b"400 Bad Request", "Invalid HTTP request.", "invalid_request_error", "invalid_http"
+    )
+    too_many = _canned(
+        b"503 Service Unavailable",
+        f"vllm-guard has {settings.max_connections} connections open, its limit; retry after "
+        "the delay in the retry-after header.",
+        "service_unavailable",
+        "too_many_connections",
+        b"retry-after: %d\r\n" % retry_after_s,
+    )
+
+    class GuardHttpProtocol(HttpToolsProtocol):
+        _deadline: asyncio.TimerHandle | None = None
+        _stall: asyncio.TimerHandle | None = None
+        _head_bytes = 0
+        _header_count = 0
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > settings.max_connections:
+                log.warning("refusing a connection: %d open", len(self.connections) - 1)
+                self._answer_and_close(too_many)
+                return
+            self._arm(settings.header_timeout_s, head_timeout)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            if self._stall is not None:
+                self._stall.cancel()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            # uvicorn's, with JSON refusals: a callback's _Refuse, and malformed HTTP.
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserCallbackError as exc:
+                refused = exc.__context__
+                if not isinstance(refused, _Refuse):
+                    raise
+                self._answer_and_close(refused.response)
+            except httptools.HttpParserUpgrade:
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                else:
+                    self._unsupported_upgrade_warning()
+            except httptools.HttpParserError:
+                self._answer_and_close(malformed)
+
+        # -- the request head --------------------------------------------------------
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_bytes = self._header_count = 0
+            self._arm(settings.header_timeout_s, head_timeout)
+
+        def on_url(self, url: bytes) -> None:
+            self._count_head(len(url), 0)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count_head(len(name) + len(value), 1)
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._arm(settings.body_timeout_s, body_timeout)
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
+
+        def _count_head(self, size: int, headers: int) -> None:
+            self._head_bytes += size
+            self._header_count += headers
+            if (
+                self._head_bytes > settings.max_header_bytes
+                or self._header_count > settings.max_headers
+            ):
+                raise _Refuse(head_too_large)
+
+        # -- writing to a client that does not read ----------------------------------
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._stall is None:
+                self._stall = self.loop.call_later(settings.send_stall_timeout_s, self._stalled)
+
+        def resume_writing(self) -> None:
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
+            super().resume_writing()
+
+        def _stalled(self) -> None:
+            self._stall = None
+            log.warning(
+                "dropping a client that read nothing for %g s", settings.send_stall_timeout_s
+            )
+            self.transport.abort()
+
+        # -- internals ---------------------------------------------------------------
+
+        def _arm(self, seconds: float, response: bytes) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._expired, response)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self, response: bytes) -> None:
+            self._deadline = None
+            if self.cycle is not None and self.cycle.response_started:
+                self.transport.close()  # cannot answer any more; just end it
+            else:
+                self._answer_and_close(response)
+
+        def _answer_and_close(self, response: bytes) -> None:
+            self._disarm()
+            if not self.transport.is_closing():
+                self.transport.write(response)
+                self.transport.close()
+
+    return GuardHttpProtocol
