@@ -39,6 +39,9 @@ def _canned(status: bytes, message: str, type_: str, code: str, extra: bytes = b
     )
 
 
+_LINGER_S = 2.0
+
+
 class _Refuse(Exception):
     """Raised from a parser callback: answer these bytes and close the connection."""
 
@@ -83,7 +86,10 @@ def protocol_class(settings: GuardSettings, retry_after_s: int) -> type[HttpTool
     class GuardHttpProtocol(HttpToolsProtocol):
         _deadline: asyncio.TimerHandle | None = None
         _stall: asyncio.TimerHandle | None = None
+        _discarding = False  # answered and half-closed: what still arrives is dropped
+        _in_head = True  # the bytes arriving belong to a request head
         _head_bytes = 0
+        _head_tail = b""  # the last bytes of the head so far: its end may straddle reads
         _header_count = 0
 
         def connection_made(self, transport: Any) -> None:
@@ -101,6 +107,19 @@ def protocol_class(settings: GuardSettings, retry_after_s: int) -> type[HttpTool
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._discarding:
+                return
+            # Head bytes are counted as they arrive, before the parser sees them: httptools
+            # hands a header to its callback only once the whole value is in, so counting
+            # there would let a client make the guard buffer (and re-copy) a huge value.
+            if self._in_head:
+                window = self._head_tail + data
+                end = window.find(b"\r\n\r\n")
+                self._head_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._head_tail))
+                if self._head_bytes > settings.max_header_bytes:
+                    self._answer_and_close(head_too_large)
+                    return
+                self._head_tail = window[-3:]
             # uvicorn's, with JSON refusals: a callback's _Refuse, and malformed HTTP.
             self._unset_keepalive_if_required()
             try:
@@ -122,33 +141,24 @@ def protocol_class(settings: GuardSettings, retry_after_s: int) -> type[HttpTool
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._head_bytes = self._header_count = 0
+            self._header_count = 0
             self._arm(settings.header_timeout_s, head_timeout)
 
-        def on_url(self, url: bytes) -> None:
-            self._count_head(len(url), 0)
-            super().on_url(url)
-
         def on_header(self, name: bytes, value: bytes) -> None:
-            self._count_head(len(name) + len(value), 1)
+            self._header_count += 1
+            if self._header_count > settings.max_headers:
+                raise _Refuse(head_too_large)
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
+            self._in_head, self._head_bytes, self._head_tail = False, 0, b""
             self._arm(settings.body_timeout_s, body_timeout)
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
             self._disarm()
+            self._in_head = True  # what comes next on the connection is the next head
             super().on_message_complete()
-
-        def _count_head(self, size: int, headers: int) -> None:
-            self._head_bytes += size
-            self._header_count += headers
-            if (
-                self._head_bytes > settings.max_header_bytes
-                or self._header_count > settings.max_headers
-            ):
-                raise _Refuse(head_too_large)
 
         # -- writing to a client that does not read ----------------------------------
 
@@ -189,9 +199,19 @@ def protocol_class(settings: GuardSettings, retry_after_s: int) -> type[HttpTool
                 self._answer_and_close(response)
 
         def _answer_and_close(self, response: bytes) -> None:
+            """Answer, then close our side and drop what the client still sends for a
+            moment before closing (a lingering close): closing at once, while a client is
+            still sending a huge head, would reset the connection and lose the answer."""
             self._disarm()
-            if not self.transport.is_closing():
-                self.transport.write(response)
-                self.transport.close()
+            transport = self.transport
+            if transport.is_closing():
+                return
+            transport.write(response)
+            if not transport.can_write_eof():
+                transport.close()
+                return
+            transport.write_eof()
+            self._discarding = True
+            self._deadline = self.loop.call_later(_LINGER_S, transport.close)
 
     return GuardHttpProtocol

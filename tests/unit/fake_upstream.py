@@ -54,10 +54,14 @@ class FakeVllm:
 
     @staticmethod
     def prompt_tokens(body: dict[str, Any]) -> int:
-        """The fake's tokenizer: one token per character of prompt or message content."""
-        if "messages" in body:
-            return sum(len(m.get("content", "")) for m in body["messages"])
-        return len(body.get("prompt", ""))
+        """The fake's tokenizer: one token per character of prompt or message content
+        (of the JSON text, for shapes a real engine would refuse)."""
+        try:
+            if "messages" in body:
+                return sum(len(m.get("content", "")) for m in body["messages"])
+            return len(body.get("prompt", ""))
+        except (TypeError, AttributeError):
+            return len(json.dumps(body.get("messages", body.get("prompt"))))
 
     async def _tokenize(self, request: web.Request) -> web.Response:
         self.tokenize_calls += 1
