@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from common import write_report
 
-from vllm_guard.batch import Runner, _parse_lines
-from vllm_guard.client import LimitedClient
-from vllm_guard.demo import running_stack
-from vllm_guard.workload import write_report
+from vllm_guard.client.batch import Runner, parse_lines
+from vllm_guard.client.limited import LimitedClient
+from vllm_guard.testing.stack import running_stack
 
 TPM = 6000
 CONFIG = f"""
@@ -99,7 +99,7 @@ async def runner(url: str, key: str, src: Path, out: Path, workers: int) -> dict
     client = LimitedClient(url, key, max_concurrency=workers, initial_concurrency=workers)
     with out.open("w") as f:
         await Runner(client, f, workers, total, 0).run(
-            p for p in _parse_lines(src) if not isinstance(p, str)
+            p for p in parse_lines(src) if not isinstance(p, str)
         )
     await client.close()
     return {"requests": client.stats.requests, "rate_limited": client.stats.rate_limited}

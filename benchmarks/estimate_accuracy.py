@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from common import write_report
 
-from vllm_guard.demo import Stack
-from vllm_guard.estimate import heuristic_prompt_tokens
-from vllm_guard.tiny_model import ensure_tiny_model
-from vllm_guard.workload import percentile, write_report
+from vllm_guard.core.cost import heuristic_prompt_tokens
+from vllm_guard.demo.workload import percentile
+from vllm_guard.engine.tiny_model import ensure_tiny_model
+from vllm_guard.testing.stack import Stack
 
 LONG = " ".join(f"line {i}: the guard keeps batch work out of reserved slots." for i in range(60))
 PROMPTS: list[tuple[str, dict[str, Any]]] = [

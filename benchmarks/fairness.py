@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from common import write_report
 
-from vllm_guard.demo import Stack, running_stack
-from vllm_guard.workload import percentile, write_report
+from vllm_guard.demo.workload import percentile
+from vllm_guard.testing.stack import Stack, running_stack
 
 CONFIG = """
 engine: {max_num_seqs: 16}

@@ -35,9 +35,10 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from common import added_over_pairs, alternating_pairs, write_report
 
-from vllm_guard.launcher import free_port
-from vllm_guard.workload import added_over_pairs, alternating_pairs, percentile, write_report
+from vllm_guard.demo.workload import percentile
+from vllm_guard.engine.launcher import free_port
 
 CONFIG = """
 engine: {max_num_seqs: 1024}

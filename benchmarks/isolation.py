@@ -26,20 +26,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vllm_guard.demo import Stack
-from vllm_guard.workload import (
+from common import write_report
+
+from vllm_guard.demo.workload import (
     Target,
+    batch_running_at_saturation,
     flood_with_probes,
     new_session,
     probes_alone,
     summary_ms,
-    write_report,
+    targets,
+    warm_up,
 )
+from vllm_guard.testing.stack import Stack
 
 
 async def _one(stack: Stack, target: Target, args: argparse.Namespace) -> dict[str, Any]:
     slots = stack.config.max_num_seqs
-    min_running = stack.batch_running_at_saturation(target)
+    min_running = batch_running_at_saturation(stack, target)
     async with new_session() as session:
         alone = await probes_alone(session, target, args.probes)
         flood = await flood_with_probes(
@@ -59,8 +63,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     stack.start()
     try:
         await stack.wait_ready()
-        direct, guard = stack.targets()
-        await stack.warm_up(args.flood, args.max_tokens)
+        direct, guard = targets(stack)
+        await warm_up(stack, args.flood, args.max_tokens)
         runs: dict[str, list[dict[str, Any]]] = {"direct": [], "guard": []}
         for rep in range(args.reps):
             order = [("direct", direct), ("guard", guard)]

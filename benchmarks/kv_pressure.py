@@ -21,77 +21,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+from common import write_report
+from plots import timelines
 
-from vllm_guard.demo import Stack, running_stack
-from vllm_guard.plots import timelines
-from vllm_guard.workload import KvFloodResult, kv_flood, new_session, write_report
-
-BLOCKS = 40
-BLOCK_SIZE = 128  # vLLM's CPU backend
-MAX_MODEL_LEN = 1024  # vLLM refuses to start when one sequence of max_model_len cannot fit
-VLLM_ARGS = ("--num-gpu-blocks-override", str(BLOCKS), "--max-model-len", str(MAX_MODEL_LEN))
-CONFIG = """
-engine: {max_num_seqs: 16, kv_watermark: 0.9}
-classes:
-  interactive: {vllm_priority: 0, reserved_seqs: 2, reserved_kv: 0.2}
-  batch: {vllm_priority: 10, max_queue: 1000, max_wait_s: 900}
-tenants:
-  chat-ui: {class: interactive, api_keys: ["env:CHAT_UI_KEY"]}
-  nightly-etl: {class: batch, api_keys: ["env:ETL_KEY"]}
-"""
-WORDS = [
-    "the",
-    "guard",
-    "keeps",
-    "batch",
-    "work",
-    "out",
-    "of",
-    "reserved",
-    "slots",
-    "so",
-    "chat",
-    "stays",
-    "fast",
-]
-
-
-async def long_prompt(session: aiohttp.ClientSession, vllm_url: str, tokens: int) -> str:
-    """Random words, grown until vLLM's tokenizer counts at least `tokens`."""
-    rng = random.Random(7)
-    words: list[str] = []
-    count = 0
-    while count < tokens:
-        words += rng.choices(WORDS, k=max(8, (tokens - count) // 3))
-        body = {"model": "tiny", "prompt": " ".join(words)}
-        async with session.post(vllm_url + "/tokenize", json=body) as resp:
-            count = (await resp.json())["count"]
-    return " ".join(words)
-
-
-async def compare(stack: Stack, n: int, prompt_tokens: int, max_tokens: int) -> dict[str, Any]:
-    """The flood straight to vLLM, then through the guard, on a running `stack`."""
-    async with new_session() as session:
-        prompt = await long_prompt(session, stack.vllm_url, prompt_tokens)
-        body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True}
-        etl = {"Authorization": f"Bearer {stack.keys['ETL_KEY']}"}
-        direct = await kv_flood(
-            session, stack.vllm_url, {}, {**body, "priority": 10}, n, stack.vllm_url
-        )
-        guard = await kv_flood(session, stack.guard_url, etl, body, n, stack.vllm_url)
-    return {"direct": _summary(direct), "guard": _summary(guard)}
-
-
-def _summary(r: KvFloodResult) -> dict[str, Any]:
-    return {**asdict(r), "tokens_per_s": r.tokens_per_s}
+from vllm_guard.testing.kv_pressure import BLOCK_SIZE, BLOCKS, CONFIG, VLLM_ARGS, compare
+from vllm_guard.testing.stack import running_stack
 
 
 def _markdown(result: dict[str, Any]) -> str:

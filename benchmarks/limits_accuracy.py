@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from common import write_report
 
-from vllm_guard.demo import Stack, running_stack
-from vllm_guard.workload import new_session, write_report
+from vllm_guard.demo.workload import new_session
+from vllm_guard.testing.stack import Stack, running_stack
 
 LIMITS = {"rpm": 300, "rpm_burst": 10, "tpm": 24000, "tpm_burst": 3000, "concurrent": 8}
 PROBE_RPM = 20

@@ -6,9 +6,9 @@
 
 Against vLLM directly add `--direct` (the classes' priorities go in the body instead of
 coming from the tenants) and drop the keys. Without --headless it serves the web UI.
-The users, their options and the TTFT entry are in vllm_guard/loadtest.py.
+The users, their options and the TTFT entry are in vllm_guard/loadtest/users.py.
 """
 
-from vllm_guard.loadtest import BatchUser, InteractiveUser
+from vllm_guard.loadtest.users import BatchUser, InteractiveUser
 
 __all__ = ["BatchUser", "InteractiveUser"]

@@ -32,9 +32,10 @@ from typing import Any
 
 import aiohttp
 import psutil
+from common import added_over_pairs, alternating_pairs, write_report
 
-from vllm_guard.demo import Stack
-from vllm_guard.workload import added_over_pairs, alternating_pairs, percentile, write_report
+from vllm_guard.demo.workload import percentile, targets
+from vllm_guard.testing.stack import Stack
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
 
@@ -128,7 +129,7 @@ async def _block(kind: str, url: str, headers: dict[str, str], n: int) -> dict[s
 async def _placement(stack: Stack, own_core: bool, args: argparse.Namespace) -> dict[str, Any]:
     where = _place(stack, own_core)
     print(where, flush=True)
-    direct, guard = stack.targets()
+    direct, guard = targets(stack)
     paths = {"direct": (direct.base_url, {}), "guard": (guard.base_url, guard.interactive_headers)}
     out: dict[str, Any] = {"placement": where, "kinds": {}}
     for kind in KINDS:

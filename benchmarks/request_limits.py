@@ -1,6 +1,6 @@
 """What abusive connections cost the guard: an oversized request head, and many clients
 that send half a head and stall (slowloris). Run on the current tree it shows the bounds of
-vllm_guard/http_server.py at their defaults; run on a tree without them (`--tree DIR`, e.g.
+vllm_guard/proxy/http_server.py at their defaults; run on a tree without them (`--tree DIR`, e.g.
 a `git worktree` of an older commit) it measures the same load on that code.
 
     python benchmarks/request_limits.py [--tree .] [--out results/request_limits] [--label now]
@@ -32,8 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vllm_guard.launcher import free_port
-from vllm_guard.workload import percentile, write_report
+from common import write_report
+
+from vllm_guard.demo.workload import percentile
+from vllm_guard.engine.launcher import free_port
 
 HERE = Path(__file__).resolve().parent
 CONFIG = """

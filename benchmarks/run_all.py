@@ -95,7 +95,7 @@ SUITE: dict[str, tuple[list[str], Callable[[dict[str, Any]], str]]] = {
 
 def isolation_plot(result: dict[str, Any], out: Path) -> None:
     """Probe TTFT against time into the flood, first repetition, both paths."""
-    from vllm_guard.plots import timelines
+    from plots import timelines
 
     series: dict[str, dict[str, list[tuple[float, float]]]] = {"probe TTFT (ms)": {}}
     for name, path in result["paths"].items():

@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vllm_guard.demo import Stack, running_stack
-from vllm_guard.workload import write_report
+from common import write_report
+
+from vllm_guard.testing.stack import Stack, running_stack
 
 UNTUNED = """
 engine: {max_num_seqs: 16}

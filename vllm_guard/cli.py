@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from vllm_guard import __version__
-from vllm_guard.config import ConfigError, Tenant, load_config
+from vllm_guard.config import ConfigError, load_config
+from vllm_guard.core.classes import Tenant
 
 _CONFIG_HELP = (
     "limits file (YAML); default: the embedded one (classes interactive and batch, tenants "
@@ -101,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
 
 _BATCH_DESCRIPTION = """\
 Run an OpenAI Batch API file (JSONL: custom_id, method POST, url /v1/chat/completions or
-/v1/completions, body) through vllm_guard.client: local rate limits learned from the
+/v1/completions, body) through vllm_guard.client.limited: local rate limits learned from the
 server's x-ratelimit-* headers, retries at exactly retry-after-ms, adaptive concurrency.
 
 The input is checked first: every bad line (not JSON, missing field, other method or url,
@@ -113,7 +114,7 @@ line is cut off. Exit 0 when every line succeeded, 1 when any failed or was not 
 
 
 def _upstream_url(text: str) -> str:
-    from vllm_guard.h1client import split_base_url
+    from vllm_guard.upstream.h1client import split_base_url
 
     try:
         split_base_url(text)
@@ -200,15 +201,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     if args.command == "demo":
-        from vllm_guard.demo import run_demo
+        from vllm_guard.demo.run import run_demo
 
         return run_demo(args)
     if args.command == "tune":
-        from vllm_guard.tune import main_tune  # patches the standard library for gevent
+        from vllm_guard.loadtest.tune import main_tune  # patches the standard library for gevent
 
         return main_tune(args)
     if args.command == "batch":
-        from vllm_guard.batch import main_batch
+        from vllm_guard.client.batch import main_batch
 
         return main_batch(args)
 
@@ -241,24 +242,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         return 0
 
-    from vllm_guard import server
+    from vllm_guard.proxy import server
 
     if args.command == "proxy":
         return server.run(lambda: server.serve_proxy(config, args.upstream, args.host, args.port))
 
-    from vllm_guard.engine import EngineState
-    from vllm_guard.launcher import (
+    from vllm_guard.engine.launcher import (
         VllmSupervisor,
         default_engine_nice,
         free_port,
         vllm_command,
         vllm_env,
     )
+    from vllm_guard.engine.state import EngineState
 
     tiny = args.model == "tiny"
     model = args.model
     if tiny:
-        from vllm_guard.tiny_model import ensure_tiny_model
+        from vllm_guard.engine.tiny_model import ensure_tiny_model
 
         model = str(ensure_tiny_model())
     port = args.vllm_port or free_port()

@@ -19,7 +19,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vllm_guard.quota import Limits
+from vllm_guard.core.classes import PriorityClass, Tenant
+from vllm_guard.core.quota import Limits
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
 _NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
@@ -228,36 +229,6 @@ def _at(loc: tuple[str, ...], msg: str) -> _LocatedError:
 
 # ---------------------------------------------------------------------------------------
 # Compiled runtime objects
-
-
-@dataclass(frozen=True, slots=True)
-class PriorityClass:
-    """A class as the request path uses it. `rank` 0 is the most urgent."""
-
-    name: str
-    rank: int
-    vllm_priority: int
-    slot_limit: int
-    """Requests in vLLM at once this class may add to: S minus the slots reserved by more
-    urgent classes (S + engine.queue_ahead for the most urgent class)."""
-    max_queue: int
-    max_wait_s: float
-    header_value: bytes
-    default_max_tokens: int = 1024
-    wait_on_limit: bool = False
-    fair_queueing: bool = True
-    kv_fraction: float = 0.9
-    """Share of the KV capacity this class may fill together with all others: the
-    watermark minus the shares reserved by more urgent classes."""
-
-
-@dataclass(frozen=True, slots=True)
-class Tenant:
-    name: str
-    priority_class: PriorityClass
-    limits: Limits | None = None
-    """None: no quota at all (nothing is counted for the tenant)."""
-    weight: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from vllm_guard.launcher import free_port
+from vllm_guard.testing import stack as testing
 
 CONFIG = Path(__file__).with_name("limits.yaml")
 KEYS = {
@@ -32,12 +28,12 @@ KEYS = {
 STARTUP_TIMEOUT_S = 600
 
 
-@dataclass
-class Stack:
-    proc: subprocess.Popen[bytes]
-    url: str
-    vllm_url: str
-    log_dir: Path
+class Stack(testing.Stack):
+    """The session's stack (vllm_guard.testing.Stack) with the helpers the tests share."""
+
+    @property
+    def url(self) -> str:
+        return self.guard_url
 
     def client(self, key: str = "CHAT_UI_KEY", **kw) -> openai.OpenAI:
         kw.setdefault("max_retries", 0)
@@ -79,25 +75,7 @@ class Stack:
         }
 
     def wait_healthy(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm-guard serve exited: {self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"stack not healthy after {timeout_s} s: {self.log_tail()}")
-
-    def log_tail(self) -> str:
-        parts = []
-        for name in ("guard.log", "vllm.log"):
-            p = self.log_dir / name
-            if p.exists():
-                parts.append(f"--- {name}\n" + "\n".join(p.read_text().splitlines()[-30:]))
-        return "\n".join(parts)
+        self.wait_ready_blocking(timeout_s)
 
 
 def _metric(text: str, name: str, labels: str) -> float:
@@ -114,28 +92,16 @@ def _metric(text: str, name: str, labels: str) -> float:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory) -> Stack:
-    log_dir = tmp_path_factory.mktemp("stack")
-    port, vllm_port = free_port(), free_port()
-    cmd = [
-        sys.executable, "-m", "vllm_guard", "serve", "--model", "tiny",
-        "--config", str(CONFIG), "--port", str(port), "--vllm-port", str(vllm_port),
-        "--vllm-log", str(log_dir / "vllm.log"),
-        "--", "--enforce-eager",
-    ]  # fmt: skip
-    with open(log_dir / "guard.log", "wb") as out:
-        proc = subprocess.Popen(
-            cmd, env={**os.environ, **KEYS}, stdout=out, stderr=subprocess.STDOUT
-        )
-    s = Stack(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vllm_port}", log_dir)
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    s = Stack(
+        log_dir=tmp_path_factory.mktemp("stack"),
+        config_path=CONFIG,
+        keys=KEYS,
+        vllm_args=("--enforce-eager",),
+    )
+    s.start()
     try:
         s.wait_healthy()
         yield s
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        s.stop()

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import KEYS
-from vllm_guard.batch import Runner, _parse_lines, check_input
-from vllm_guard.client import LimitedClient
+from vllm_guard.client.batch import Runner, check_input, parse_lines
+from vllm_guard.client.limited import LimitedClient
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def test_500_lines_under_tight_limits_each_exactly_once_retrying_as_told(stack, 
         )
         with out.open("a") as f:
             await Runner(client, f, 32, total, 0).run(
-                item for item in _parse_lines(src) if not isinstance(item, str)
+                item for item in parse_lines(src) if not isinstance(item, str)
             )
         await client.close()
         return client

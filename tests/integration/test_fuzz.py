@@ -39,8 +39,11 @@ def _send(client: httpx.Client, case: FuzzCase) -> tuple[int, dict[str, str], by
 
 
 def _sendable(case: FuzzCase) -> bool:
-    """httpx refuses control characters in header values (the unit fuzzer sends them)."""
-    return all(not any(b < 0x20 or b == 0x7F for b in v) for _, v in case.headers)
+    """httpx (h11) refuses control characters and surrounding whitespace in header values
+    (the unit fuzzer sends those)."""
+    return all(
+        v == v.strip(b" \t") and not any(b < 0x20 or b == 0x7F for b in v) for _, v in case.headers
+    )
 
 
 def _guard_holds_nothing(stack) -> None:
@@ -55,7 +58,14 @@ def _guard_holds_nothing(stack) -> None:
         time.sleep(0.05)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same 60 cases in every CI run (the unit fuzzer explores; this one checks
+# that what passes there also passes on the real engine).
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 @given(case=fuzz_cases(_KEYS))
 def test_fuzzed_requests_through_the_real_stack(stack, case):
     assume(_sendable(case))

@@ -4,7 +4,8 @@ A stack of its own (40 KV blocks x 128 = 5,120 tokens, 16 slots, max_model_len 1
 24 completions of ~550 prompt + 300 output tokens sent at once straight to vLLM make it
 preempt; the same flood through the guard completes every request with no new
 preemption, and vLLM's waiting queue stays within what the guard's KV budget admits.
-The workload is benchmarks/kv_pressure.py's, at a smaller size.
+The workload is vllm_guard/testing/kv_pressure.py's (benchmarks/kv_pressure.py runs it
+larger).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import asyncio
 
 import pytest
 
-from benchmarks.kv_pressure import BLOCK_SIZE, BLOCKS, CONFIG, VLLM_ARGS, compare
-from vllm_guard.demo import running_stack
+from vllm_guard.testing.kv_pressure import BLOCK_SIZE, BLOCKS, CONFIG, VLLM_ARGS, compare
+from vllm_guard.testing.stack import running_stack
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ import openai
 import pytest
 import yaml
 
-from vllm_guard.launcher import free_port
+from vllm_guard.engine.launcher import free_port
 
 pytestmark = pytest.mark.integration
 

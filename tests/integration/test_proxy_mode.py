@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import CONFIG, KEYS
-from vllm_guard.launcher import free_port
+from vllm_guard.engine.launcher import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -9,10 +9,10 @@ import pytest_asyncio
 import uvloop
 
 from tests.unit.fake_upstream import FakeVllm
-from vllm_guard.app import GuardApp
 from vllm_guard.config import CompiledConfig
-from vllm_guard.engine import EngineState
-from vllm_guard.upstream import Upstream
+from vllm_guard.engine.state import EngineState
+from vllm_guard.proxy.app import GuardApp
+from vllm_guard.upstream.connections import Upstream
 
 
 @pytest_asyncio.fixture

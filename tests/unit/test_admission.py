@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import BASE_CONFIG, KEYS
-from vllm_guard.admission import Admission, Decision, TicketState
 from vllm_guard.config import parse_config
+from vllm_guard.core.admission import Admission, Decision, TicketState
 
 
 def _setup(config):
@@ -169,8 +169,9 @@ def test_invariants_under_any_interleaving(queue_ahead, seq):
             admitted += adm.release(t, now)
         elif op == "cancel" and waiting:
             adm.cancel(waiting[-1])
-        elif op == "expire":
-            adm.expire(now)
+        elif op == "expire":  # then dispatch, as the gate does: an expired head may have
+            adm.expire(now)  # been holding back smaller waiters behind it
+            admitted += adm.dispatch()
         waiting = [t for t in waiting if t.state is TicketState.WAITING]
         stats = {s.name: s for s in adm.statistics()}
         assert adm.in_flight == sum(t.seqs for t in admitted) <= most

@@ -11,9 +11,9 @@ from tests.conftest import BASE_CONFIG, KEYS
 from tests.unit.asgi import Client, call
 from tests.unit.conftest import ready_app, until
 from tests.unit.fake_upstream import FakeVllm
-from vllm_guard.app import GuardApp
 from vllm_guard.config import parse_config
-from vllm_guard.upstream import Upstream
+from vllm_guard.proxy.app import GuardApp
+from vllm_guard.upstream.connections import Upstream
 
 CHAT = {"Authorization": "Bearer chat-secret"}
 ETL = {"Authorization": "Bearer etl-secret"}

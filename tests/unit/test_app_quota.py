@@ -11,10 +11,10 @@ import pytest_asyncio
 from tests.conftest import KEYS
 from tests.unit.asgi import Client, call
 from tests.unit.conftest import ready_app, until
-from vllm_guard.app import GuardApp
 from vllm_guard.config import parse_config
-from vllm_guard.estimate import UsageTap
-from vllm_guard.quota import REQUESTS, TOKENS_DAY
+from vllm_guard.core.quota import REQUESTS, TOKENS_DAY
+from vllm_guard.proxy.app import GuardApp
+from vllm_guard.proxy.usage import UsageTap
 
 CONFIG = """
 engine: {max_num_seqs: 4}

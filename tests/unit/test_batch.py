@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vllm_guard.batch import check_input, read_done, run_batch
+from vllm_guard.client.batch import check_input, read_done, run_batch
 
 
 def _line(i: int, **over) -> str:

@@ -8,7 +8,7 @@ import random
 import httpx
 import pytest
 
-from vllm_guard.client import LimitedClient, RetriesExhausted
+from vllm_guard.client.limited import LimitedClient, RetriesExhausted
 
 BODY = {"model": "m", "prompt": "hello", "max_tokens": 4}
 OK = {"choices": [{"text": "hi"}], "usage": {"total_tokens": 6}}

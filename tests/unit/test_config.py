@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BASE_CONFIG, KEYS
-from vllm_guard.auth import Authenticator
 from vllm_guard.config import ConfigError, load_config, parse_config
+from vllm_guard.proxy.auth import Authenticator
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,8 @@ from tests.conftest import KEYS
 from tests.unit.asgi import call
 from tests.unit.conftest import ready_app, until
 from vllm_guard.config import parse_config
-from vllm_guard.engine_metrics import EngineMonitor, EngineSample, parse_engine_metrics
-from vllm_guard.metrics import render
+from vllm_guard.proxy.metrics import render
+from vllm_guard.upstream.monitor import EngineMonitor, EngineSample, parse_engine_metrics
 
 REAL = (Path(__file__).parent / "data" / "vllm_metrics.txt").read_text()  # vLLM 0.32 (CPU)
 
@@ -79,7 +79,7 @@ async def test_monitor_reads_then_goes_stale_and_says_so(fake, caplog):
         assert not monitor.stale
         assert monitor.text is not None and b"vllm:kv_cache_usage_perc" in monitor.text
         fake.metrics_status = 500
-        with caplog.at_level(logging.WARNING, "vllm_guard.engine_metrics"):
+        with caplog.at_level(logging.WARNING, "vllm_guard.upstream.monitor"):
             await until(lambda: monitor.stale)
         assert seen[-1] is None
         assert "engine metrics stale" in caplog.text

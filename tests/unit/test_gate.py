@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from vllm_guard.admission import Admission
-from vllm_guard.gate import Gate, RefusalReason, Refused
+from vllm_guard.core.admission import Admission
+from vllm_guard.proxy.admission_gate import Gate, RefusalReason, Refused
 
 
 class ManualClock:

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from vllm_guard.h1client import _HIGH_WATER, Pool, UpstreamConnectError, UpstreamError
+from vllm_guard.upstream.h1client import HIGH_WATER, Pool, UpstreamConnectError, UpstreamError
 
 BODY = b'{"model": "tiny"}'
 HEAD = (
@@ -226,7 +226,7 @@ def test_malformed_response_is_an_error(run):
 
 def test_a_slow_reader_pauses_the_upstream(run):
     """A client that does not read must not make the guard buffer vLLM's whole answer."""
-    size = 8 * _HIGH_WATER
+    size = 8 * HIGH_WATER
 
     async def main():
         async def big(reader, writer):
@@ -238,7 +238,7 @@ def test_a_slow_reader_pauses_the_upstream(run):
             resp = await srv.pool().post(HEAD, BODY)
             await asyncio.sleep(0.3)  # the server writes as fast as the guard reads
             buffered = resp._conn._buffered
-            assert _HIGH_WATER < buffered < 4 * _HIGH_WATER
+            assert HIGH_WATER < buffered < 4 * HIGH_WATER
             assert len(await resp.read()) == size
             resp.release()
 
@@ -247,7 +247,7 @@ def test_a_slow_reader_pauses_the_upstream(run):
 
 # Read to its end but for the rest: 64 KiB; or past the high-water mark in the very piece
 # that completes it, so reading is paused too (reused, the next request would hang).
-@pytest.mark.parametrize("size", [64 * 1024, 10 + _HIGH_WATER + 100])
+@pytest.mark.parametrize("size", [64 * 1024, 10 + HIGH_WATER + 100])
 def test_a_response_not_read_to_its_end_never_goes_back_to_the_pool(run, size):
     """The engine finished (the parser saw the whole message) but the guard stopped reading
     part-way: its client left while the guard waited to hand on a chunk. Released like that,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from vllm_guard.launcher import _child_setup, vllm_command
+from vllm_guard.engine.launcher import child_setup, vllm_command
 
 AUTOGROUP = Path("/proc/self/autogroup")
 
@@ -22,7 +22,7 @@ print(open("/proc/self/autogroup").read() if os.path.exists("/proc/self/autogrou
 
 async def _spawn_and_report(nice: int) -> list[str]:
     proc = await asyncio.create_subprocess_exec(
-        "python3", "-c", _REPORT, preexec_fn=_child_setup(nice), stdout=asyncio.subprocess.PIPE
+        "python3", "-c", _REPORT, preexec_fn=child_setup(nice), stdout=asyncio.subprocess.PIPE
     )
     out, _ = await proc.communicate()
     assert proc.returncode == 0

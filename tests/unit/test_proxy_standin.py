@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import KEYS
-from vllm_guard.launcher import free_port
+from vllm_guard.engine.launcher import free_port
 
 CONFIG = """
 engine: {max_num_seqs: 128, queue_ahead: 0, kv_admission: false}

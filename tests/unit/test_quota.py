@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_guard.quota import (
+from vllm_guard.core.quota import (
     CONCURRENCY,
     REQUESTS,
     TOKENS_DAY,

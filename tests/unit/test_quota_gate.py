@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 
-from vllm_guard.quota import Denied, Limits, Reservation, TenantQuota
-from vllm_guard.quota_gate import QuotaGate
+from vllm_guard.core.quota import Denied, Limits, Reservation, TenantQuota
+from vllm_guard.proxy.quota_gate import QuotaGate
 
 
 async def test_many_waiters_cancels_and_expiries_keep_the_count_exact():

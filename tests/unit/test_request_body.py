@@ -13,10 +13,10 @@ import pytest_asyncio
 from tests.conftest import KEYS
 from tests.unit.asgi import Client, call
 from tests.unit.conftest import ready_app, until
-from vllm_guard.body import MAX_COUNTED_INT, ParsedRequest, parse_request
 from vllm_guard.config import parse_config
-from vllm_guard.errors import ErrorResponse
-from vllm_guard.quota import TOKENS_DAY
+from vllm_guard.core.quota import TOKENS_DAY
+from vllm_guard.proxy.body import MAX_COUNTED_INT, ParsedRequest, parse_request
+from vllm_guard.proxy.responses import ErrorResponse
 
 COMPLETIONS = "/v1/completions"
 CHAT_PATH = "/v1/chat/completions"

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import BASE_CONFIG, KEYS
 from vllm_guard.config import load_config
-from vllm_guard.tuning import knee_reached, plots, recommend, report, write_limits
+from vllm_guard.loadtest.recommend import knee_reached, plots, recommend, report, write_limits
 
 
 def _step(batch_users, p95, tps, inflight=1.0):

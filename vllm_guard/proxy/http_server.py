@@ -26,7 +26,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from vllm_guard.config import GuardSettings
-from vllm_guard.errors import error_body
+from vllm_guard.proxy.responses import error_body
 
 log = logging.getLogger("vllm_guard.http")
 

@@ -25,32 +25,36 @@ from typing import Any
 
 import aiohttp
 
-from vllm_guard import errors
-from vllm_guard.admission import Admission
-from vllm_guard.auth import Authenticator
-from vllm_guard.body import ParsedRequest, dump, parse_request
-from vllm_guard.classify import CLASS_HEADER, clamp_priority, resolve_class
-from vllm_guard.config import CompiledConfig, PriorityClass, Tenant
-from vllm_guard.engine import EngineState
-from vllm_guard.engine_metrics import EngineMonitor, EngineSample
-from vllm_guard.estimate import (
+from vllm_guard.config import CompiledConfig
+from vllm_guard.core.admission import Admission
+from vllm_guard.core.classes import PriorityClass, Tenant
+from vllm_guard.core.cost import (
     HEURISTIC_BYTES_PER_TOKEN,
     Estimate,
-    UsageTap,
     completion_budget,
     estimate,
     prompt_token_bound,
     tokenize_request,
-    usage_total,
 )
-from vllm_guard.gate import Gate, RefusalReason, Refused, retry_after_header
-from vllm_guard.h1client import UpstreamConnectError
-from vllm_guard.metrics import GuardMetrics, render
-from vllm_guard.quota import Denied, Reservation, TenantQuota, go_duration
-from vllm_guard.quota_gate import QuotaGate
-from vllm_guard.upstream import FORWARDED_REQUEST_HEADERS, FORWARDED_RESPONSE_HEADERS, Upstream
+from vllm_guard.core.quota import Denied, Reservation, TenantQuota, go_duration
+from vllm_guard.engine.state import EngineState
+from vllm_guard.proxy import responses
+from vllm_guard.proxy.admission_gate import Gate, RefusalReason, Refused, retry_after_header
+from vllm_guard.proxy.auth import Authenticator
+from vllm_guard.proxy.body import ParsedRequest, dump, parse_request
+from vllm_guard.proxy.classify import CLASS_HEADER, clamp_priority, resolve_class
+from vllm_guard.proxy.metrics import GuardMetrics, render
+from vllm_guard.proxy.quota_gate import QuotaGate
+from vllm_guard.proxy.usage import UsageTap, usage_total
+from vllm_guard.upstream.connections import (
+    FORWARDED_REQUEST_HEADERS,
+    FORWARDED_RESPONSE_HEADERS,
+    Upstream,
+)
+from vllm_guard.upstream.h1client import UpstreamConnectError
+from vllm_guard.upstream.monitor import EngineMonitor, EngineSample
 
-log = logging.getLogger("vllm_guard.app")
+log = logging.getLogger("vllm_guard.proxy.app")
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _QUEUE_HEADER = b"x-vllm-guard-queue-ms"
@@ -145,7 +149,7 @@ class GuardApp:
         self._unavailable_headers = [
             (b"retry-after", str(config.guard.unavailable_retry_after_s).encode())
         ]
-        self._too_large = errors.body_too_large(config.guard.max_body_bytes)
+        self._too_large = responses.body_too_large(config.guard.max_body_bytes)
         self._waiting_bytes = 0  # bodies of requests not yet admitted (quota or queue)
 
     # -- ASGI entry ---------------------------------------------------------------------
@@ -157,7 +161,7 @@ class GuardApp:
             method = scope["method"]
             if path in GENERATION_PATHS:
                 if method != "POST":
-                    return await errors.METHOD_NOT_ALLOWED.send(send)
+                    return await responses.METHOD_NOT_ALLOWED.send(send)
                 return await self._guarded(scope, receive, send, path)
             if path == "/v1/models" and method == "GET":
                 return await self._models(scope, send)
@@ -165,10 +169,10 @@ class GuardApp:
                 return await self._health(send)
             if path == "/metrics":
                 body, content_type = render(self.metrics.registry)
-                return await errors.send_body(send, 200, body, content_type)
+                return await responses.send_body(send, 200, body, content_type)
             if path == "/metrics/engine":
                 return await self._engine_metrics(send)
-            return await errors.NOT_FOUND.send(send)
+            return await responses.NOT_FOUND.send(send)
         if kind == "lifespan":
             return await self._lifespan(receive, send)
         return None
@@ -206,24 +210,24 @@ class GuardApp:
     async def _health(self, send: Any) -> None:
         body = json.dumps({"status": "ok" if self.engine.ready else self.engine.phase}).encode()
         if self.engine.ready:
-            await errors.send_json(send, 200, body)
+            await responses.send_json(send, 200, body)
         else:
-            await errors.send_json(send, 503, body, self._unavailable_headers)
+            await responses.send_json(send, 503, body, self._unavailable_headers)
 
     async def _engine_metrics(self, send: Any) -> None:
         """vLLM's own /metrics as the guard last read them (vLLM's port is private under
         `serve`), so one Prometheus job on the guard sees both."""
         text = self.monitor.text
         if text is None:
-            return await errors.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers)
-        await errors.send_body(send, 200, text, b"text/plain; version=0.0.4; charset=utf-8")
+            return await responses.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers)
+        await responses.send_body(send, 200, text, b"text/plain; version=0.0.4; charset=utf-8")
 
     async def _models(self, scope: Scope, send: Any) -> None:
         headers = dict(scope["headers"])
         if self.auth.tenant_for(headers.get(b"authorization")) is None:
-            return await errors.UNAUTHORIZED.send(send)
+            return await responses.UNAUTHORIZED.send(send)
         if not self.engine.ready:
-            return await errors.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers)
+            return await responses.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers)
         try:
             async with self.upstream.session.get(
                 self.upstream.base_url + "/v1/models", headers=self.upstream.headers([], False)
@@ -231,8 +235,8 @@ class GuardApp:
                 body = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError):
-            return await errors.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers)
-        await errors.send_json(send, status, body)
+            return await responses.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers)
+        await responses.send_json(send, status, body)
 
     # -- generation ---------------------------------------------------------------------
 
@@ -253,14 +257,14 @@ class GuardApp:
 
         tenant = self.auth.tenant_for(authorization)
         if tenant is None:
-            return await errors.UNAUTHORIZED.send(send)
+            return await responses.UNAUTHORIZED.send(send)
         self.metrics.request(tenant.name)
         priority_class = resolve_class(tenant, class_header, self.config.classes_by_name)
-        if isinstance(priority_class, errors.ErrorResponse):
+        if isinstance(priority_class, responses.ErrorResponse):
             return await priority_class.send(send)
         if not self.engine.ready:
             self.metrics.count(priority_class.name, "engine_unavailable")
-            return await errors.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers)
+            return await responses.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers)
 
         limit = self.config.guard.max_body_bytes
         if content_length is not None and content_length.isdigit() and int(content_length) > limit:
@@ -272,11 +276,11 @@ class GuardApp:
             return await self._too_large.send(send)
         assert isinstance(raw, bytes)
         request = parse_request(raw, path)
-        if isinstance(request, errors.ErrorResponse):
+        if isinstance(request, responses.ErrorResponse):
             return await request.send(send)
         payload, stream = request.payload, request.stream
         priority = clamp_priority(payload.get("priority"), priority_class)
-        if isinstance(priority, errors.ErrorResponse):
+        if isinstance(priority, responses.ErrorResponse):
             return await priority.send(send)
         payload["priority"] = priority
         max_seqs = self.admission.max_seqs(priority_class)
@@ -384,9 +388,9 @@ class GuardApp:
         if not limits.counts_tokens:
             return held, est
         try:
-            est = await estimate(
-                self.upstream.tokenize, path, payload, priority_class.default_max_tokens
-            )
+            counting = tokenize_request(path, payload)
+            exact = None if counting is None else await self.upstream.tokenize(counting)
+            est = estimate(path, payload, priority_class.default_max_tokens, exact)
         except BaseException:  # the client left while its prompt was counted
             quota.quota.settle(held, 0, loop.time(), sent=False)
             quota.settled()
@@ -445,7 +449,7 @@ class GuardApp:
                 if est.prompt_tokens
                 else f"at least {est.completion_tokens} tokens for its completion"
             )
-            return await errors.ErrorResponse(
+            return await responses.ErrorResponse(
                 400,
                 f"This request needs {needs}, more than the {denied.dimension} limit of "
                 f"{denied.limit:g} can ever allow; lower max_tokens or split it.",
@@ -459,7 +463,7 @@ class GuardApp:
             f"Rate limit reached for tenant {tenant!r} on {denied.dimension} "
             f"(limit {denied.limit:g}); retry after the delay in the retry-after header."
         )
-        response = errors.ErrorResponse(429, message, "rate_limit_exceeded", denied.dimension)
+        response = responses.ErrorResponse(429, message, "rate_limit_exceeded", denied.dimension)
         headers += [
             (b"retry-after", str(min(60, max(1, math.ceil(wait_s)))).encode()),
             (b"retry-after-ms", str(math.ceil(wait_s * 1000)).encode()),
@@ -522,7 +526,9 @@ class GuardApp:
                 f"{refused.priority_class.max_wait_s:g} s; retry after the delay in the "
                 "retry-after header."
             )
-        response = errors.ErrorResponse(503, message, "service_unavailable", refused.reason.value)
+        response = responses.ErrorResponse(
+            503, message, "service_unavailable", refused.reason.value
+        )
         retry_ms = int(refused.retry_after_s * 1000)
         await response.send(
             send,
@@ -581,7 +587,7 @@ class GuardApp:
                     await send({"type": "http.response.body", "body": rest, "more_body": True})
             except _UPSTREAM_ERRORS as exc:
                 log.warning("upstream stream broke: %s", type(exc).__name__)
-                event = errors.sse_error_event(
+                event = responses.sse_error_event(
                     "The inference engine stopped in the middle of this response.",
                     "upstream_error",
                 )
@@ -607,9 +613,9 @@ class GuardApp:
         silent, else 503 with retry-after, since a vLLM that drops connections is usually
         restarting."""
         if isinstance(exc, TimeoutError):
-            await errors.UPSTREAM_TIMEOUT.send(send, guard_headers)
+            await responses.UPSTREAM_TIMEOUT.send(send, guard_headers)
         else:
-            await errors.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers + guard_headers)
+            await responses.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers + guard_headers)
         return "upstream_error"
 
 
@@ -676,21 +682,21 @@ def _ratelimit_headers(quota: TenantQuota, now: float) -> list[tuple[bytes, byte
     return headers
 
 
-_WAITING_MEMORY_FULL = errors.ErrorResponse(
+_WAITING_MEMORY_FULL = responses.ErrorResponse(
     503,
     "vllm-guard holds as many waiting request bodies as its memory budget allows "
     "(guard.max_waiting_body_bytes); retry after the delay in the retry-after header.",
     "service_unavailable",
     "waiting_memory_full",
 )
-_SEVERAL_AUTHORIZATIONS = errors.bad_request("Send exactly one Authorization header.")
-_TOO_DEEP = errors.bad_request("Request body is nested too deeply.")
+_SEVERAL_AUTHORIZATIONS = responses.bad_request("Send exactly one Authorization header.")
+_TOO_DEEP = responses.bad_request("Request body is nested too deeply.")
 
 
 def _too_many_sequences(
     request: ParsedRequest, priority_class: PriorityClass, max_seqs: int
-) -> errors.ErrorResponse:
-    return errors.bad_request(
+) -> responses.ErrorResponse:
+    return responses.bad_request(
         f"This request runs {request.sequences} sequences ({request.prompts} prompts x n="
         f"{request.n}); class {priority_class.name!r} runs at most {max_seqs} at once. "
         "Split it into smaller requests.",

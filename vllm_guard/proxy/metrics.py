@@ -20,10 +20,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from vllm_guard.admission import Admission
 from vllm_guard.config import CompiledConfig
-from vllm_guard.engine import EngineState
-from vllm_guard.engine_metrics import EngineMonitor
+from vllm_guard.core.admission import Admission
+from vllm_guard.engine.state import EngineState
+from vllm_guard.upstream.monitor import EngineMonitor
 
 disable_created_metrics()  # the *_created series only add scrape weight
 

@@ -12,14 +12,14 @@ from typing import Any
 
 import uvicorn
 
-from vllm_guard.app import GuardApp
 from vllm_guard.config import CompiledConfig
-from vllm_guard.engine import EngineState, detect_scheduling_policy, poll_health
-from vllm_guard.http_server import protocol_class
-from vllm_guard.launcher import VllmSupervisor
-from vllm_guard.upstream import Upstream
+from vllm_guard.engine.launcher import VllmSupervisor
+from vllm_guard.engine.state import EngineState, detect_scheduling_policy, poll_health
+from vllm_guard.proxy.app import GuardApp
+from vllm_guard.proxy.http_server import protocol_class
+from vllm_guard.upstream.connections import Upstream
 
-log = logging.getLogger("vllm_guard.server")
+log = logging.getLogger("vllm_guard.proxy.server")
 
 
 def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:

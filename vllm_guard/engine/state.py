@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-log = logging.getLogger("vllm_guard.engine")
+log = logging.getLogger("vllm_guard.engine.state")
 
 
 @dataclass(slots=True)

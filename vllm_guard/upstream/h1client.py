@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httptools
 
 # Pause reading from vLLM while this much of a response waits for the client to take it.
-_HIGH_WATER = 1 << 18
+HIGH_WATER = 1 << 18
 
 
 class BaseUrl(NamedTuple):
@@ -161,7 +161,7 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
+        if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self._wake()
@@ -206,7 +206,7 @@ class _Connection(asyncio.Protocol):
                 self._waiter = None
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
-        if self._paused and self._buffered < _HIGH_WATER // 2 and self.transport is not None:
+        if self._paused and self._buffered < HIGH_WATER // 2 and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
         return chunk

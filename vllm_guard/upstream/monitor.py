@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-log = logging.getLogger("vllm_guard.engine_metrics")
+log = logging.getLogger("vllm_guard.upstream.monitor")
 
 _USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 _RUNNING = "vllm:num_requests_running"

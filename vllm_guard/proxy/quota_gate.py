@@ -17,7 +17,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 
-from vllm_guard.quota import CONCURRENCY, Denied, Reservation, TenantQuota
+from vllm_guard.core.quota import CONCURRENCY, Denied, Reservation, TenantQuota
 
 
 class _Waiter:

@@ -42,8 +42,8 @@ import yaml  # noqa: E402
 from locust.env import Environment  # noqa: E402
 
 from vllm_guard.config import load_config  # noqa: E402
-from vllm_guard.loadtest import TTFT, BatchUser, InteractiveUser, counters  # noqa: E402
-from vllm_guard.tuning import knee_reached, plots, recommend, report, write_limits  # noqa: E402
+from vllm_guard.loadtest.recommend import knee_reached, plots, recommend, report, write_limits  # noqa: E402
+from vllm_guard.loadtest.users import TTFT, BatchUser, InteractiveUser, counters  # noqa: E402
 
 
 def _options(args: argparse.Namespace) -> argparse.Namespace:

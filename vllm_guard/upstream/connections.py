@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 
 from vllm_guard.config import GuardSettings
-from vllm_guard.h1client import Pool, Response, split_base_url
+from vllm_guard.upstream.h1client import Pool, Response, split_base_url
 
 # Request headers a client may pass on to vLLM. Everything else is dropped: hop-by-hop
 # headers, the client's credentials, and headers vLLM acts on that a client must not

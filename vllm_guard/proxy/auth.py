@@ -11,7 +11,7 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 
-from vllm_guard.config import Tenant
+from vllm_guard.core.classes import Tenant
 
 _BEARER = b"bearer "
 

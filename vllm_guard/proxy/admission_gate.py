@@ -12,8 +12,8 @@ import asyncio
 import enum
 import math
 
-from vllm_guard.admission import Admission, Decision, Ticket, TicketState
-from vllm_guard.config import PriorityClass
+from vllm_guard.core.admission import Admission, Decision, Ticket, TicketState
+from vllm_guard.core.classes import PriorityClass
 
 
 class RefusalReason(enum.Enum):

@@ -1,33 +1,23 @@
-"""What a request will cost in tokens, before it runs; and what it cost, after.
+"""What a request will cost in tokens, before it runs: pure functions of its body.
 
-Before: prompt tokens come from vLLM's own `POST /tokenize` (the chat form applies the
+Prompt tokens come from vLLM's own `POST /tokenize` (the chat form applies the
 model's chat template and returns exactly the `usage.prompt_tokens` the request will get;
 it runs in vLLM's API server and never touches the engine). When /tokenize cannot answer,
 a heuristic of one token per 4 bytes of prompt text (plus 4 per chat message) stands in.
 Completion tokens are the request's `max_completion_tokens` or `max_tokens`, or the
 class's `default_max_tokens` when it sets neither, times the sequences it runs (prompts x
-`n`; `body.py` has normalised those fields as vLLM reads them).
-
-After: the response's `usage`. A stream asks vLLM for usage (`stream_options.include_usage`)
-even when the client did not; `UsageTap` reads it from the final chunk and removes that
-chunk when the client had not asked for it. A stream cut off before its usage chunk is
-settled as prompt tokens + one token per content event streamed (vLLM sends one event per
-decoded step, so this is exact without speculative decoding and an upper bound with it).
+`n`; `proxy/body.py` has normalised those fields as vLLM reads them). What it cost after
+the fact is read in `proxy/usage.py`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
-from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
-
-from vllm_guard.body import prompt_count
 
 HEURISTIC_BYTES_PER_TOKEN = 4
 HEURISTIC_TOKENS_PER_MESSAGE = 4
-_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
 class Estimate(NamedTuple):
@@ -105,6 +95,18 @@ def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))  # a lone surrogate is still a byte run
 
 
+def estimate(
+    path: str, payload: dict[str, Any], default_max_tokens: int, prompt_count_exact: int | None
+) -> Estimate:
+    """The request's cost: `prompt_count_exact` is vLLM's /tokenize count for the body
+    `tokenize_request` gave (None when there was none, or vLLM could not say: the
+    heuristic stands in)."""
+    completion = completion_budget(path, payload, default_max_tokens)
+    if prompt_count_exact is not None:
+        return Estimate(prompt_count_exact, completion, True)
+    return Estimate(heuristic_prompt_tokens(path, payload), completion, False)
+
+
 def tokenize_request(path: str, payload: dict[str, Any]) -> dict[str, Any] | None:
     """The /tokenize body giving this request's prompt tokens, or None when no single
     call can (a completion with a list of prompts)."""
@@ -123,80 +125,13 @@ def tokenize_request(path: str, payload: dict[str, Any]) -> dict[str, Any] | Non
     return None
 
 
-async def estimate(
-    tokenize: Callable[[dict[str, Any]], Awaitable[int | None]],
-    path: str,
-    payload: dict[str, Any],
-    default_max_tokens: int,
-) -> Estimate:
-    """`tokenize(body)`: vLLM's /tokenize count for a body, None when it cannot say."""
-    completion = completion_budget(path, payload, default_max_tokens)
-    body = tokenize_request(path, payload)
-    if body is not None:
-        count = await tokenize(body)
-        if count is not None:
-            return Estimate(count, completion, True)
-    return Estimate(heuristic_prompt_tokens(path, payload), completion, False)
-
-
-def usage_total(usage: Any) -> int | None:
-    if isinstance(usage, dict):
-        total = usage.get("total_tokens")
-        if type(total) is int:
-            return total
-    return None
-
-
-class UsageTap:
-    """Passes an SSE stream through event by event, noting the usage chunk and counting
-    content events; drops the usage chunk when the client did not ask for it."""
-
-    __slots__ = ("_buffer", "_keep_usage", "events", "usage")
-
-    def __init__(self, keep_usage: bool) -> None:
-        self._keep_usage = keep_usage
-        self._buffer = b""
-        self.events = 0
-        self.usage: dict[str, Any] | None = None
-
-    def feed(self, chunk: bytes) -> bytes:
-        data = self._buffer + chunk if self._buffer else chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self._buffer = data
-            return b""
-        self._buffer = data[end + 2 :]
-        complete = data[: end + 2]
-        if _USAGE_OBJECT.search(complete) is None:
-            self.events += complete.count(b"data: {")
-            return complete
-        out = []
-        for event in complete.split(b"\n\n")[:-1]:
-            if self._is_usage_only(event):
-                if not self._keep_usage:
-                    continue
-            elif event.startswith(b"data: {"):
-                self.events += 1
-            out.append(event + b"\n\n")
-        return b"".join(out)
-
-    def _is_usage_only(self, event: bytes) -> bool:
-        if not event.startswith(b"data: {") or _USAGE_OBJECT.search(event) is None:
-            return False
-        try:
-            obj = json.loads(event[6:])
-        except ValueError:
-            return False
-        usage = obj.get("usage") if isinstance(obj, dict) else None
-        if not isinstance(usage, dict):
-            return False
-        if obj.get("choices"):
-            # continuous usage stats: usage rides on a content chunk; keep the latest.
-            self.usage = usage
-            return False
-        self.usage = usage
-        return True
-
-    def flush(self) -> bytes:
-        rest, self._buffer = self._buffer, b""
-        return rest
+def prompt_count(path: str, payload: dict[str, Any]) -> int:
+    """Prompts vLLM runs for the request: a completion's `prompt` may be a list of strings
+    or of token-id lists (a list of ints is one prompt). Malformed forms count 1; vLLM
+    refuses them."""
+    if path.endswith("/chat/completions"):
+        return 1
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1

@@ -22,7 +22,8 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from vllm_guard import errors
+from vllm_guard.core.cost import prompt_count
+from vllm_guard.proxy import responses
 
 # Lax, as vLLM's request models read them (the same pydantic coercion).
 _INT = TypeAdapter(int | None)
@@ -57,52 +58,40 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_request(raw: bytes, path: str) -> ParsedRequest | errors.ErrorResponse:
+def parse_request(raw: bytes, path: str) -> ParsedRequest | responses.ErrorResponse:
     """Parse and normalise a /v1/completions or /v1/chat/completions body."""
     try:
         payload = json.loads(raw, parse_constant=_no_constants)
     except RecursionError:
-        return errors.bad_request("Request body is nested too deeply.")
+        return responses.bad_request("Request body is nested too deeply.")
     except (ValueError, UnicodeDecodeError) as exc:
-        return errors.bad_request(f"Request body is not valid JSON: {exc}.")
+        return responses.bad_request(f"Request body is not valid JSON: {exc}.")
     if not isinstance(payload, dict):
-        return errors.bad_request("Request body must be a JSON object.")
+        return responses.bad_request("Request body must be a JSON object.")
     stream = payload.get("stream")
     if stream is not None and type(stream) is not bool:
-        return errors.bad_request("'stream' must be a boolean.", param="stream")
+        return responses.bad_request("'stream' must be a boolean.", param="stream")
     for key in _COUNTED_INTS:
         if key not in payload:
             continue
         value = _lax(_INT, payload[key])
         if value is _INVALID or (value is not None and not 0 <= value <= MAX_COUNTED_INT):
-            return errors.bad_request(
+            return responses.bad_request(
                 f"'{key}' must be an integer from 0 to {MAX_COUNTED_INT}.", param=key
             )
         payload[key] = value
     if "n" in payload and payload["n"] == 0:
-        return errors.bad_request("'n' must be at least 1.", param="n")
+        return responses.bad_request("'n' must be at least 1.", param="n")
     if (payload.get("best_of") or 1) > 1:
         return _uncountable("best_of", "'best_of' above 1 is not supported; use n")
     beam = _lax(_BOOL, payload.get("use_beam_search"))
     if beam is _INVALID:
-        return errors.bad_request("'use_beam_search' must be a boolean.", "use_beam_search")
+        return responses.bad_request("'use_beam_search' must be a boolean.", "use_beam_search")
     if beam:
         return _uncountable("use_beam_search", "beam search is not supported through the guard")
     if payload.get("prompt_embeds") is not None:
         return _uncountable("prompt_embeds", "prompt_embeds cannot be measured by the guard")
     return ParsedRequest(payload, prompt_count(path, payload), stream is True)
-
-
-def prompt_count(path: str, payload: dict[str, Any]) -> int:
-    """Prompts vLLM runs for the request: a completion's `prompt` may be a list of strings
-    or of token-id lists (a list of ints is one prompt). Malformed forms count 1; vLLM
-    refuses them."""
-    if path.endswith("/chat/completions"):
-        return 1
-    prompt = payload.get("prompt")
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        return len(prompt)
-    return 1
 
 
 _INVALID = object()
@@ -115,8 +104,8 @@ def _lax(adapter: TypeAdapter[Any], value: Any) -> Any:
         return _INVALID
 
 
-def _uncountable(param: str, why: str) -> errors.ErrorResponse:
-    return errors.ErrorResponse(
+def _uncountable(param: str, why: str) -> responses.ErrorResponse:
+    return responses.ErrorResponse(
         400,
         f"{why}: vllm-guard admits, reserves and charges each request by the sequences it "
         "runs, and cannot count this one.",

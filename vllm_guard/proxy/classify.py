@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from vllm_guard.config import PriorityClass, Tenant
-from vllm_guard.errors import ErrorResponse, bad_request
+from vllm_guard.core.classes import PriorityClass, Tenant
+from vllm_guard.proxy.responses import ErrorResponse, bad_request
 
 CLASS_HEADER = b"x-vllm-guard-class"
 _PRIORITY_BOUND = 2**31  # vLLM hands priorities to its engine core as 64-bit integers

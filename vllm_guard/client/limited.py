@@ -31,8 +31,8 @@ from typing import Any
 
 import httpx
 
-from vllm_guard.estimate import completion_budget, heuristic_prompt_tokens
-from vllm_guard.quota import TokenBucket
+from vllm_guard.core.cost import completion_budget, heuristic_prompt_tokens
+from vllm_guard.core.quota import TokenBucket
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 _RETRYABLE_ERRORS = (httpx.TransportError,)  # connect/read/write errors and timeouts

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from vllm_guard.client import LimitedClient, Response, RetriesExhausted
+from vllm_guard.client.limited import LimitedClient, Response, RetriesExhausted
 
 ALLOWED_URLS = frozenset({"/v1/chat/completions", "/v1/completions"})
 MAX_REPORTED_ERRORS = 20
@@ -61,7 +61,7 @@ def check_input(path: Path) -> tuple[int, list[str]]:
     errors: list[str] = []
     seen: set[str] = set()
     n = 0
-    for n, parsed in enumerate(_parse_lines(path), start=1):
+    for n, parsed in enumerate(parse_lines(path), start=1):
         if isinstance(parsed, str):
             errors.append(f"line {n}: {parsed}")
         elif parsed.custom_id in seen:
@@ -71,7 +71,8 @@ def check_input(path: Path) -> tuple[int, list[str]]:
     return n, errors
 
 
-def _parse_lines(path: Path) -> Iterator[Item | str]:
+def parse_lines(path: Path) -> Iterator[Item | str]:
+    """Each line of a batch file: an `Item`, or the error that makes it invalid (as text)."""
     with path.open("rb") as f:
         for n, raw in enumerate(f, start=1):
             yield _parse(n, raw)
@@ -248,7 +249,7 @@ async def run_batch(args: argparse.Namespace) -> int:
         print(f"{len(errors)} invalid line(s); nothing was sent", file=sys.stderr)
         return 2
     done = read_done(args.output, args.retry_failed)
-    todo = (p for p in _parse_lines(args.input) if isinstance(p, Item) and p.custom_id not in done)
+    todo = (p for p in parse_lines(args.input) if isinstance(p, Item) and p.custom_id not in done)
     headers = {"x-vllm-guard-class": args.priority_class} if args.priority_class else {}
     client = LimitedClient(
         args.base_url,

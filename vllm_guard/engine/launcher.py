@@ -34,9 +34,9 @@ from typing import IO
 
 import aiohttp
 
-from vllm_guard.engine import EngineState
+from vllm_guard.engine.state import EngineState
 
-log = logging.getLogger("vllm_guard.launcher")
+log = logging.getLogger("vllm_guard.engine.launcher")
 
 # Arguments the launcher owns: passing them after `--` would break the guard's accounting.
 _OWNED_ARGS = ("--model", "--host", "--port", "--max-num-seqs", "--scheduling-policy")
@@ -82,7 +82,7 @@ def vllm_command(
         "--scheduling-policy", "priority",
     ]  # fmt: skip
     if tiny:
-        from vllm_guard.tiny_model import MAX_MODEL_LEN, SERVED_NAME
+        from vllm_guard.engine.tiny_model import MAX_MODEL_LEN, SERVED_NAME
 
         defaults = {
             "--served-model-name": SERVED_NAME,
@@ -113,7 +113,9 @@ def default_engine_nice() -> int:
     return 10 if is_cpu_build() else 0
 
 
-def _child_setup(nice: int) -> Callable[[], None]:
+def child_setup(nice: int) -> Callable[[], None]:
+    """The `preexec_fn` that puts vLLM in its own session, at `nice` (and its autogroup's)."""
+
     def setup() -> None:  # pragma: no cover - runs in the child before exec
         # Our own setsid rather than start_new_session: uvloop runs preexec_fn before its
         # setsid, so the autogroup written below would be the guard's, not the child's.
@@ -222,7 +224,7 @@ class VllmSupervisor:
             stdout=out,
             stderr=asyncio.subprocess.STDOUT if out is not None else None,
             env=self.env,
-            preexec_fn=_child_setup(self.nice),  # its own session and process group
+            preexec_fn=child_setup(self.nice),  # its own session and process group
         )
         log.info("started vLLM (pid %s, nice %d) on %s", self.proc.pid, self.nice, self.base_url)
 

@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from vllm_guard.config import PriorityClass
+from vllm_guard.core.classes import PriorityClass
 
 
 class TicketState(enum.Enum):
@@ -216,6 +216,17 @@ class Admission:
             ticket.state = TicketState.EXPIRED
             return Decision.QUEUE_FULL, ticket
         state.push(ticket)
+        # A new arrival can go straight to the head of its class's fair order (its tenant
+        # had nothing queued). Where requests hold several slots, the head it displaced may
+        # be blocked where it fits: then it is next, now.
+        if (
+            state.head() is ticket
+            and self._nobody_waiting_up_to(state.spec.rank - 1)
+            and self._fits(state, ticket)
+        ):
+            state.pop_head()
+            self._take(state, ticket)
+            return Decision.ADMITTED, ticket
         return Decision.QUEUED, ticket
 
     def release(self, ticket: Ticket, now: float) -> list[Ticket]:

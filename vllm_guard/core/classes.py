@@ -1,0 +1,38 @@
+"""Priority classes and tenants as the request path uses them, compiled from the config
+(`vllm_guard/config.py`): frozen, and free of pydantic and of I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_guard.core.quota import Limits
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityClass:
+    """A class as the request path uses it. `rank` 0 is the most urgent."""
+
+    name: str
+    rank: int
+    vllm_priority: int
+    slot_limit: int
+    """Requests in vLLM at once this class may add to: S minus the slots reserved by more
+    urgent classes (S + engine.queue_ahead for the most urgent class)."""
+    max_queue: int
+    max_wait_s: float
+    header_value: bytes
+    default_max_tokens: int = 1024
+    wait_on_limit: bool = False
+    fair_queueing: bool = True
+    kv_fraction: float = 0.9
+    """Share of the KV capacity this class may fill together with all others: the
+    watermark minus the shares reserved by more urgent classes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str
+    priority_class: PriorityClass
+    limits: Limits | None = None
+    """None: no quota at all (nothing is counted for the tenant)."""
+    weight: float = 1.0

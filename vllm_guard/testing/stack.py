@@ -1,0 +1,126 @@
+"""One way to start and stop the whole stack — `vllm-guard serve --model tiny` with vLLM's
+CPU build underneath — shared by the demo, the integration tests and the benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from vllm_guard.config import load_config
+from vllm_guard.engine.launcher import free_port
+
+
+class Stack:
+    """`vllm-guard serve --model tiny` as a child process, with keys made up for the run
+    (or given)."""
+
+    def __init__(
+        self,
+        port: int = 0,
+        log_dir: Path | None = None,
+        config_path: Path | None = None,
+        key_vars: tuple[str, ...] = ("CHAT_UI_KEY", "ETL_KEY"),
+        vllm_args: tuple[str, ...] = (),
+        keys: Mapping[str, str] | None = None,
+    ) -> None:
+        """`keys`: use these (variable -> key) instead of making up one per `key_vars`,
+        e.g. for a second stack that must accept the first one's clients."""
+        self.port = port or free_port()
+        self.vllm_port = free_port()
+        self.keys = dict(keys) if keys else {var: secrets.token_urlsafe(24) for var in key_vars}
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="vllm-guard-demo-"))
+        self.vllm_log = self.log_dir / "vllm.log"
+        self.guard_log = self.log_dir / "guard.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        env = {**os.environ, **self.keys}
+        self.config_path = config_path
+        self.vllm_args = vllm_args
+        self.config = load_config(config_path, env)
+        self._env = env
+
+    @property
+    def guard_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def vllm_url(self) -> str:
+        return f"http://127.0.0.1:{self.vllm_port}"
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable, "-m", "vllm_guard", "serve", "--model", "tiny",
+            "--port", str(self.port), "--vllm-port", str(self.vllm_port),
+            "--vllm-log", str(self.vllm_log),
+        ]  # fmt: skip
+        if self.config_path is not None:
+            cmd += ["--config", str(self.config_path)]
+        if self.vllm_args:
+            cmd += ["--", *self.vllm_args]
+        with open(self.guard_log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, env=self._env, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_ready_blocking(self, timeout_s: float = 600) -> None:
+        """`wait_ready` for synchronous callers (pytest fixtures)."""
+        asyncio.run(self.wait_ready(timeout_s))
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the guard's and vLLM's logs, for a failure message."""
+        parts = []
+        for p in (self.guard_log, self.vllm_log):
+            if p.exists():
+                parts.append(f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-lines:]))
+        return "\n".join(parts)
+
+    async def wait_ready(self, timeout_s: float = 600) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"vllm-guard serve exited:\n{self.log_tail()}")
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with s.get(self.guard_url + "/health") as resp:
+                        if resp.status == 200:
+                            return
+                await asyncio.sleep(0.5)
+        raise RuntimeError(f"stack not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def running_stack(config_text: str, **kw: Any) -> AsyncIterator[Stack]:
+    """A ready `vllm-guard serve --model tiny` with `config_text` as its limits file
+    (keyword arguments go to `Stack`); stopped, and the file removed, on the way out."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(config_text)
+    try:
+        stack = Stack(config_path=Path(f.name), **kw)
+        stack.start()
+        try:
+            await stack.wait_ready()
+            yield stack
+        finally:
+            stack.stop()
+    finally:
+        os.unlink(f.name)
