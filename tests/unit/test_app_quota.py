@@ -10,7 +10,7 @@ import pytest_asyncio
 
 from tests.conftest import KEYS
 from tests.unit.asgi import Client, call
-from tests.unit.conftest import ready_app, until
+from tests.unit.conftest import ManualClock, ready_app, until
 from vllm_guard.config import parse_config
 from vllm_guard.core.quota import REQUESTS, TOKENS_DAY
 from vllm_guard.proxy.app import GuardApp
@@ -47,6 +47,19 @@ async def app(fake):
         parse_config(CONFIG, "test.yaml", {**KEYS, "BACKFILL_KEY": "backfill-secret"}), fake
     )
     yield app
+    await app.upstream.close()
+
+
+@pytest_asyncio.fixture
+async def clocked(fake):
+    """The app on a manual clock: waits for refills and deadlines take no real time."""
+    clock = ManualClock()
+    app = ready_app(
+        parse_config(CONFIG, "test.yaml", {**KEYS, "BACKFILL_KEY": "backfill-secret"}),
+        fake,
+        clock,
+    )
+    yield app, clock
     await app.upstream.close()
 
 
@@ -249,16 +262,19 @@ async def test_stream_cut_by_the_client_pays_prompt_plus_tokens_streamed(app, fa
 # -- on_limit: wait ----------------------------------------------------------------------
 
 
-async def test_wait_class_holds_the_request_until_the_bucket_refills(app, fake):
-    loop = asyncio.get_running_loop()
+async def test_wait_class_holds_the_request_until_the_bucket_refills(clocked, fake):
+    app, clock = clocked
     body = {"prompt": "a", "max_tokens": 1}
     for _ in range(2):  # the burst
         assert (await call(app, "POST", "/v1/completions", BACKFILL, body)).status == 200
-    t0 = loop.time()
-    second = await call(app, "POST", "/v1/completions", BACKFILL, body)
-    assert second.status == 200
-    assert 0.9 < loop.time() - t0 < 1.5  # one request per second: the refill time, no polling
-    assert 900 < float(second.headers["x-vllm-guard-quota-ms"]) < 1500
+    second = asyncio.create_task(call(app, "POST", "/v1/completions", BACKFILL, body))
+    await until(lambda: app.quota_gates["backfill"].waiting == 1)
+    await clock.advance(0.99)  # one request per second: not yet
+    assert not second.done() and len(fake.requests) == 2
+    await clock.advance(0.02)  # the refill time, no polling: the one timer fires
+    reply = await asyncio.wait_for(second, 5)
+    assert reply.status == 200 and len(fake.requests) == 3
+    assert 990 < float(reply.headers["x-vllm-guard-quota-ms"]) < 1010
 
 
 async def test_wait_class_is_woken_by_a_settle_for_concurrency(app, fake):
@@ -276,17 +292,22 @@ async def test_wait_class_is_woken_by_a_settle_for_concurrency(app, fake):
     assert app.quota_gates["backfill"].quota.in_flight == 0
 
 
-async def test_wait_gives_429_at_max_wait_and_refuses_at_once_when_waiting_cannot_help(app, fake):
+async def test_wait_gives_429_at_max_wait_and_refuses_at_once_when_waiting_cannot_help(
+    clocked, fake
+):
+    app, clock = clocked
     fake.mode = "hang"
     body = {"prompt": "a", "max_tokens": 1}
     first = asyncio.create_task(call(app, "POST", "/v1/completions", BACKFILL, body))
     await until(lambda: fake.active == 1)
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    second = await call(app, "POST", "/v1/completions", BACKFILL, body)
-    assert second.status == 429  # concurrency never freed within bulk's max_wait_s of 2 s
-    assert second.json()["error"]["code"] == "max_concurrent"
-    assert 1.9 < loop.time() - t0 < 2.6
+    second = asyncio.create_task(call(app, "POST", "/v1/completions", BACKFILL, body))
+    await until(lambda: app.quota_gates["backfill"].waiting == 1)
+    await clock.advance(1.99)
+    assert not second.done()
+    await clock.advance(0.02)  # concurrency never freed within bulk's max_wait_s of 2 s
+    reply = await asyncio.wait_for(second, 5)
+    assert reply.status == 429
+    assert reply.json()["error"]["code"] == "max_concurrent"
     fake.release.set()
     await first
 

@@ -14,6 +14,7 @@ import math
 
 from vllm_guard.core.admission import Admission, Decision, Ticket, TicketState
 from vllm_guard.core.classes import PriorityClass
+from vllm_guard.proxy.clock import Clock, LoopClock, TimerHandle
 
 
 class RefusalReason(enum.Enum):
@@ -32,9 +33,10 @@ class Refused(Exception):
 
 
 class Gate:
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, clock: Clock | None = None) -> None:
         self.admission = admission
-        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._clock = clock or LoopClock()
+        self._timers: dict[int, TimerHandle] = {}
 
     async def acquire(
         self,
@@ -45,17 +47,16 @@ class Gate:
         kv: int = 0,
         seqs: int = 1,
     ) -> Ticket:
-        loop = asyncio.get_running_loop()
         decision, ticket = self.admission.enter(
-            priority_class, loop.time(), tenant, cost, weight, kv, seqs
+            priority_class, self._clock.now(), tenant, cost, weight, kv, seqs
         )
         if decision is Decision.ADMITTED:
             return ticket
         if decision is Decision.QUEUE_FULL:
             raise self._refusal(RefusalReason.QUEUE_FULL, priority_class)
-        waker: asyncio.Future[None] = loop.create_future()
+        waker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         ticket.waker = waker
-        self._arm(priority_class, loop)
+        self._arm(priority_class)
         try:
             await waker
         except asyncio.CancelledError:
@@ -70,29 +71,28 @@ class Gate:
 
     def release(self, ticket: Ticket) -> None:
         """Give an admitted ticket's slot back and wake whoever it admits."""
-        loop = asyncio.get_running_loop()
-        self.wake(self.admission.release(ticket, loop.time()))
+        self.wake(self.admission.release(ticket, self._clock.now()))
 
     def _refusal(self, reason: RefusalReason, priority_class: PriorityClass) -> Refused:
         guess = self.admission.retry_after_s(priority_class)
         return Refused(reason, priority_class, min(max(guess, 1.0), 60.0))
 
-    def _arm(self, priority_class: PriorityClass, loop: asyncio.AbstractEventLoop) -> None:
+    def _arm(self, priority_class: PriorityClass) -> None:
         if priority_class.rank in self._timers:
             return
         deadline = self.admission.next_deadline(priority_class)
         if deadline is not None:
-            self._timers[priority_class.rank] = loop.call_at(
-                deadline, self._on_timer, priority_class, loop
+            self._timers[priority_class.rank] = self._clock.call_at(
+                deadline, self._on_timer, priority_class
             )
 
-    def _on_timer(self, priority_class: PriorityClass, loop: asyncio.AbstractEventLoop) -> None:
+    def _on_timer(self, priority_class: PriorityClass) -> None:
         del self._timers[priority_class.rank]
         # The loop may run a timer up to its clock resolution early; allow for that.
-        for ticket in self.admission.expire(loop.time() + _TIMER_SLACK_S):
+        for ticket in self.admission.expire(self._clock.now() + _TIMER_SLACK_S):
             _wake(ticket)  # the waiter sees EXPIRED and raises
         self.wake(self.admission.dispatch())
-        self._arm(priority_class, loop)
+        self._arm(priority_class)
 
     def wake(self, admitted: list[Ticket]) -> None:
         """Wake waiters the core admitted outside `release` (an engine update, an expiry)."""

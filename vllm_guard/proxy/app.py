@@ -43,6 +43,7 @@ from vllm_guard.proxy.admission_gate import Gate, RefusalReason, Refused, retry_
 from vllm_guard.proxy.auth import Authenticator
 from vllm_guard.proxy.body import ParsedRequest, dump, parse_request
 from vllm_guard.proxy.classify import CLASS_HEADER, clamp_priority, resolve_class
+from vllm_guard.proxy.clock import Clock, LoopClock
 from vllm_guard.proxy.metrics import GuardMetrics, render
 from vllm_guard.proxy.quota_gate import QuotaGate
 from vllm_guard.proxy.usage import UsageTap, usage_total
@@ -116,7 +117,11 @@ class GuardApp:
         upstream: Upstream,
         engine: EngineState,
         admission: Admission | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        """`clock`: "now" and the waiters' timers (the event loop's unless a test injects
+        a manual one)."""
+        self.clock = clock or LoopClock()
         self.config = config
         self.upstream = upstream
         self.engine = engine
@@ -126,7 +131,7 @@ class GuardApp:
             config.classes,
             eng.kv_capacity_tokens if eng.kv_admission else None,
         )
-        self.gate = Gate(self.admission)
+        self.gate = Gate(self.admission, self.clock)
         self.auth = Authenticator(config.key_digests, config.anonymous)
         self.monitor = EngineMonitor(
             upstream.base_url,
@@ -142,7 +147,7 @@ class GuardApp:
         self.metrics = GuardMetrics(config, self.admission, engine, self.monitor)
         # Buckets start full; the first refill (on the loop's clock) caps them at capacity.
         self.quota_gates = {
-            name: QuotaGate(TenantQuota(t.limits, 0.0), self._delayed_by(name))
+            name: QuotaGate(TenantQuota(t.limits, 0.0), self._delayed_by(name), self.clock)
             for name, t in config.tenants.items()
             if t.limits is not None
         }
@@ -286,7 +291,7 @@ class GuardApp:
         max_seqs = self.admission.max_seqs(priority_class)
         if request.sequences > max_seqs:
             return await _too_many_sequences(request, priority_class, max_seqs).send(send)
-        usage = _Usage(_asked_for_usage(payload), asyncio.get_running_loop().time())
+        usage = _Usage(_asked_for_usage(payload), self.clock.now())
 
         quota = self.quota_gates.get(tenant.name)
         est = Estimate(0, 0, True)
@@ -322,7 +327,7 @@ class GuardApp:
                 if charged is None:
                     return None  # refused (429 or 400), nothing held
                 reservation, est = charged
-                charged_at = asyncio.get_running_loop().time()
+                charged_at = self.clock.now()
                 guard_headers += _ratelimit_headers(quota.quota, charged_at)
                 quota_ms = (charged_at - usage.arrived) * 1000
                 guard_headers.append((_QUOTA_HEADER, f"{quota_ms:.1f}".encode()))
@@ -346,7 +351,7 @@ class GuardApp:
             conn.finished = True
             watcher.cancel()
             self._stop_waiting(usage)
-            now = asyncio.get_running_loop().time()
+            now = self.clock.now()
             if usage.status:
                 self.metrics.served(priority_class.name, usage.arrived, usage.first_at, now)
             if reservation is not None and quota is not None:
@@ -375,8 +380,8 @@ class GuardApp:
         cost like any other (its time waited so far counts against max_wait_s)."""
         limits = quota.quota.limits
         max_wait_s = priority_class.max_wait_s if priority_class.wait_on_limit else 0.0
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        clock = self.clock
+        started = clock.now()
         est = Estimate(0, 0, True)
         if limits.counts_tokens:
             completion = completion_budget(path, payload, priority_class.default_max_tokens)
@@ -392,14 +397,14 @@ class GuardApp:
             exact = None if counting is None else await self.upstream.tokenize(counting)
             est = estimate(path, payload, priority_class.default_max_tokens, exact)
         except BaseException:  # the client left while its prompt was counted
-            quota.quota.settle(held, 0, loop.time(), sent=False)
+            quota.quota.settle(held, 0, clock.now(), sent=False)
             quota.settled()
             raise
         extra = est.total - held.tokens
-        if extra > 0 and not quota.quota.top_up(held, extra, loop.time()):
-            quota.quota.settle(held, 0, loop.time(), sent=False)
+        if extra > 0 and not quota.quota.top_up(held, extra, clock.now()):
+            quota.quota.settle(held, 0, clock.now(), sent=False)
             quota.settled()
-            waited_s = loop.time() - started
+            waited_s = clock.now() - started
             wait_s = max(0.0, max_wait_s - waited_s)
             held = await quota.reserve(est.total, wait_s, priority_class.max_queue)
             if isinstance(held, Denied):
@@ -439,7 +444,7 @@ class GuardApp:
     async def _rate_limited(
         self, send: Any, tenant: str, quota: TenantQuota, denied: Denied, est: Estimate
     ) -> None:
-        now = asyncio.get_running_loop().time()
+        now = self.clock.now()
         headers = _ratelimit_headers(quota, now)
         self.metrics.rate_limited(tenant, denied.dimension)
         if denied.retry_after_s == float("inf"):
@@ -485,8 +490,8 @@ class GuardApp:
     ) -> None:
         """`size`: the request's fair-queueing cost, the KV tokens it reserves and the
         engine slots (sequences) it holds."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        clock = self.clock
+        started = clock.now()
         cost, kv, seqs = size
         try:
             ticket = await self.gate.acquire(
@@ -496,7 +501,7 @@ class GuardApp:
             return await self._refuse(send, refused)
         self._stop_waiting(usage)
         try:
-            waited_s = loop.time() - started
+            waited_s = clock.now() - started
             self.metrics.queue_wait[priority_class.name].observe(waited_s)
             guard_headers = [*guard_headers, (_QUEUE_HEADER, f"{waited_s * 1000:.1f}".encode())]
             outcome = await self._forward(send, path, body, forwarded, guard_headers, stream, usage)
@@ -580,7 +585,7 @@ class GuardApp:
                     out = tap.feed(chunk)
                     if out:
                         if usage.first_at is None:
-                            usage.first_at = asyncio.get_running_loop().time()
+                            usage.first_at = self.clock.now()
                         await send({"type": "http.response.body", "body": out, "more_body": True})
                 rest = tap.flush()
                 if rest:

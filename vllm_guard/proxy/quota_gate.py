@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 
 from vllm_guard.core.quota import CONCURRENCY, Denied, Reservation, TenantQuota
+from vllm_guard.proxy.clock import Clock, LoopClock, TimerHandle
 
 
 class _Waiter:
@@ -32,14 +33,20 @@ class _Waiter:
 
 
 class QuotaGate:
-    def __init__(self, quota: TenantQuota, on_delay: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        quota: TenantQuota,
+        on_delay: Callable[[str], None] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self.quota = quota
+        self._clock = clock or LoopClock()
         self.on_delay = on_delay  # told the dimension each time a request has to wait
         self._waiters: deque[_Waiter] = deque()  # arrival order; done ones dropped lazily
         self._deadlines: list[tuple[float, int, _Waiter]] = []  # heap; done ones dropped lazily
         self._seq = itertools.count()
         self._live = 0  # waiters whose future is not done
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: TimerHandle | None = None
 
     @property
     def waiting(self) -> int:
@@ -48,7 +55,7 @@ class QuotaGate:
     def refusal(self, tokens: int, max_wait_s: float, max_waiting: int = 1000) -> Denied | None:
         """The refusal `reserve` answers at once for a request of `tokens`, or None when it
         would be admitted or wait."""
-        now = asyncio.get_running_loop().time()
+        now = self._clock.now()
         denied = self.quota.check(tokens, now)
         if not self._live:
             if denied is not None and not _worth_waiting(denied, max_wait_s):
@@ -69,8 +76,7 @@ class QuotaGate:
         refused = self.refusal(tokens, max_wait_s, max_waiting)
         if refused is not None:
             return refused
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self._clock.now()
         if not self._live:
             result = self.quota.try_reserve(tokens, now)
             if isinstance(result, Reservation):
@@ -80,7 +86,7 @@ class QuotaGate:
             denied = self.quota.check(tokens, now)
         if self.on_delay is not None:
             self.on_delay((denied or self._head_denial(now)).dimension)
-        waiter = _Waiter(tokens, now + max_wait_s, loop.create_future())
+        waiter = _Waiter(tokens, now + max_wait_s, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
         heapq.heappush(self._deadlines, (waiter.deadline, next(self._seq), waiter))
         self._live += 1
@@ -94,7 +100,7 @@ class QuotaGate:
             elif future.done():  # granted in the same loop turn as the cancel: give it back
                 granted = future.result()
                 if isinstance(granted, Reservation):
-                    self.quota.settle(granted, 0, loop.time(), sent=False)
+                    self.quota.settle(granted, 0, self._clock.now(), sent=False)
                     self._wake()
             raise
 
@@ -113,11 +119,10 @@ class QuotaGate:
             self._wake()
 
     def _wake(self) -> None:
-        loop = asyncio.get_running_loop()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        now = loop.time()
+        now = self._clock.now()
         next_at = math.inf
         blocked: Denied | None = None
         waiters = self._waiters
@@ -152,7 +157,7 @@ class QuotaGate:
             w.future.set_result(denied)
             self._live -= 1
         if next_at < math.inf:
-            self._timer = loop.call_at(next_at, self._wake)
+            self._timer = self._clock.call_at(next_at, self._wake)
 
 
 def _worth_waiting(denied: Denied, max_wait_s: float) -> bool:
