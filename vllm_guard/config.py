@@ -62,6 +62,12 @@ class EngineConfig(BaseModel):
     (`own_accounting`, the default: the guard's own reservations are an upper bound on
     what its requests use), or admit only the most urgent class (`hold_batch`)."""
 
+    @property
+    def holds_batch_when_stale(self) -> bool:
+        """`on_stale: hold_batch`: with stale engine metrics only the most urgent class is
+        admitted."""
+        return self.on_stale == "hold_batch"
+
 
 class GuardSettings(BaseModel):
     model_config = _STRICT
@@ -376,8 +382,6 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> CompiledConf
         cfg = GuardConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
-    except _LocatedError as exc:  # pragma: no cover - pydantic wraps these as ValidationError
-        raise ConfigError(f"{source}: {'.'.join(exc.loc)}: {exc.msg}") from None
     return compile_config(cfg, source, env)
 
 

@@ -32,7 +32,7 @@ from vllm_guard.testing.stack import Stack
 
 console = Console()
 
-ISOLATION_GOAL = 3.0  # guard: flood p95 within 3x of alone p95 (issue #2)
+ISOLATION_GOAL = 3.0  # guard: flood p95 within 3x of alone p95
 CONSERVATION_GOAL = 0.85  # guard batch tokens/s at least 85% of direct
 
 

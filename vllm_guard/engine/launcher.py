@@ -158,10 +158,6 @@ class VllmSupervisor:
         self._task: asyncio.Task[None] | None = None
         self._log_file: IO[bytes] | None = None
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.first_ready = loop.create_future()

@@ -44,7 +44,7 @@ from vllm_guard.proxy.auth import Authenticator
 from vllm_guard.proxy.body import ParsedRequest, dump, parse_request
 from vllm_guard.proxy.classify import CLASS_HEADER, clamp_priority, resolve_class
 from vllm_guard.proxy.clock import Clock, LoopClock
-from vllm_guard.proxy.metrics import GuardMetrics, render
+from vllm_guard.proxy.metrics import GuardMetrics, LimitAction, Outcome, render
 from vllm_guard.proxy.quota_gate import QuotaGate
 from vllm_guard.proxy.usage import UsageTap, usage_total
 from vllm_guard.upstream.connections import (
@@ -66,7 +66,7 @@ _EVENT_STREAM = b"text/event-stream"
 Scope = dict[str, Any]
 
 
-class _Connection:
+class _ClientWatch:
     """Per-request state shared with the disconnect watcher."""
 
     __slots__ = ("finished", "gone")
@@ -140,7 +140,7 @@ class GuardApp:
             eng.metrics_stale_after_s,
             upstream.headers([], False),
             "admitting only the most urgent class"
-            if eng.on_stale == "hold_batch"
+            if eng.holds_batch_when_stale
             else "admitting on the guard's own KV accounting",
         )
         self._monitor_task: asyncio.Task[None] | None = None
@@ -203,12 +203,12 @@ class GuardApp:
         capacity = None
         if eng.kv_admission:
             capacity = eng.kv_capacity_tokens or (sample.kv_capacity_tokens if sample else None)
-        hold = sample is None and eng.on_stale == "hold_batch"
+        hold = sample is None and eng.holds_batch_when_stale
         live = sample.kv_used_tokens if sample is not None else None
         self.gate.wake(self.admission.engine_update(live, capacity, hold))
 
     def _delayed_by(self, tenant: str) -> Any:
-        return lambda dimension: self.metrics.rate_limited(tenant, dimension, "delayed")
+        return lambda dimension: self.metrics.rate_limited(tenant, dimension, LimitAction.DELAYED)
 
     # -- simple paths -------------------------------------------------------------------
 
@@ -268,7 +268,7 @@ class GuardApp:
         if isinstance(priority_class, responses.ErrorResponse):
             return await priority_class.send(send)
         if not self.engine.ready:
-            self.metrics.count(priority_class.name, "engine_unavailable")
+            self.metrics.count(priority_class.name, Outcome.ENGINE_UNAVAILABLE)
             return await responses.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers)
 
         limit = self.config.guard.max_body_bytes
@@ -308,13 +308,13 @@ class GuardApp:
         if body is None:
             return await _TOO_DEEP.send(send)
         if self._waiting_bytes + len(body) > self.config.guard.max_waiting_body_bytes:
-            self.metrics.count(priority_class.name, "waiting_memory_full")
+            self.metrics.count(priority_class.name, Outcome.WAITING_MEMORY_FULL)
             return await _WAITING_MEMORY_FULL.send(send, self._unavailable_headers)
         self._waiting_bytes += len(body)
         usage.waiting_bytes = len(body)
 
         # From here the request may wait and hold capacity: watch for the client leaving.
-        conn = _Connection()
+        conn = _ClientWatch()
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.ensure_future(_watch_disconnect(receive, conn, task))
@@ -346,7 +346,7 @@ class GuardApp:
             if not conn.gone:
                 raise
             task.uncancel()
-            self.metrics.count(priority_class.name, "client_disconnect")
+            self.metrics.count(priority_class.name, Outcome.CLIENT_DISCONNECT)
         finally:
             conn.finished = True
             watcher.cancel()
@@ -519,13 +519,13 @@ class GuardApp:
     async def _refuse(self, send: Any, refused: Refused) -> None:
         name = refused.priority_class.name
         if refused.reason is RefusalReason.QUEUE_FULL:
-            self.metrics.count(name, "queue_full")
+            self.metrics.count(name, Outcome.QUEUE_FULL)
             message = (
                 f"The {name!r} queue is full ({refused.priority_class.max_queue} requests "
                 "waiting); retry after the delay in the retry-after header."
             )
         else:
-            self.metrics.count(name, "queue_timeout")
+            self.metrics.count(name, Outcome.QUEUE_TIMEOUT)
             message = (
                 f"No engine slot became free for class {name!r} within its max_wait_s of "
                 f"{refused.priority_class.max_wait_s:g} s; retry after the delay in the "
@@ -553,7 +553,7 @@ class GuardApp:
         guard_headers: list[tuple[bytes, bytes]],
         stream: bool,
         usage: _Usage,
-    ) -> str:
+    ) -> Outcome:
         """Send the request to vLLM and its answer to the client; returns the outcome.
         Notes in `usage` what vLLM reported the request cost."""
         usage.sent = True
@@ -577,7 +577,7 @@ class GuardApp:
                     {"type": "http.response.start", "status": resp.status, "headers": headers}
                 )
                 await send({"type": "http.response.body", "body": data, "more_body": False})
-                return "ok"
+                return Outcome.OK
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
             tap = UsageTap(keep_usage=usage.wants_usage)
             try:
@@ -597,12 +597,12 @@ class GuardApp:
                     "upstream_error",
                 )
                 await send({"type": "http.response.body", "body": event, "more_body": False})
-                return "upstream_error"
+                return Outcome.UPSTREAM_ERROR
             finally:
                 usage.events = tap.events
                 usage.total = usage_total(tap.usage)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return "ok"
+            return Outcome.OK
         except _UPSTREAM_ERRORS as exc:
             return await self._upstream_failed(send, exc, guard_headers)
         finally:
@@ -613,7 +613,7 @@ class GuardApp:
 
     async def _upstream_failed(
         self, send: Any, exc: BaseException, guard_headers: list[tuple[bytes, bytes]]
-    ) -> str:
+    ) -> Outcome:
         """Answer for a vLLM that failed before the response started: 504 when it went
         silent, else 503 with retry-after, since a vLLM that drops connections is usually
         restarting."""
@@ -621,7 +621,7 @@ class GuardApp:
             await responses.UPSTREAM_TIMEOUT.send(send, guard_headers)
         else:
             await responses.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers + guard_headers)
-        return "upstream_error"
+        return Outcome.UPSTREAM_ERROR
 
 
 # ---------------------------------------------------------------------------------------
@@ -709,7 +709,7 @@ def _too_many_sequences(
     )
 
 
-async def _watch_disconnect(receive: Any, conn: _Connection, task: asyncio.Task[Any]) -> None:
+async def _watch_disconnect(receive: Any, conn: _ClientWatch, task: asyncio.Task[Any]) -> None:
     """Cancel the request's task when its client disconnects before the response is done."""
     while True:
         message = await receive()

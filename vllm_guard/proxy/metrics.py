@@ -7,7 +7,9 @@ touches a gauge.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -27,15 +29,25 @@ from vllm_guard.upstream.monitor import EngineMonitor
 
 disable_created_metrics()  # the *_created series only add scrape weight
 
-OUTCOMES = (
-    "ok",  # the engine answered (any status it chose)
-    "queue_full",  # refused: the class's queue was full
-    "queue_timeout",  # refused: waited max_wait_s without a slot
-    "waiting_memory_full",  # refused: guard.max_waiting_body_bytes of bodies already wait
-    "engine_unavailable",
-    "upstream_error",  # connection lost or timed out after admission
-    "client_disconnect",
-)
+
+class Outcome(enum.StrEnum):
+    """How a guarded request ended (the `outcome` label of vllm_guard_requests_total)."""
+
+    OK = "ok"  # the engine answered (any status it chose)
+    QUEUE_FULL = "queue_full"  # refused: the class's queue was full
+    QUEUE_TIMEOUT = "queue_timeout"  # refused: waited max_wait_s without a slot
+    WAITING_MEMORY_FULL = "waiting_memory_full"  # refused: max_waiting_body_bytes reached
+    ENGINE_UNAVAILABLE = "engine_unavailable"
+    UPSTREAM_ERROR = "upstream_error"  # connection lost or timed out after admission
+    CLIENT_DISCONNECT = "client_disconnect"
+
+
+class LimitAction(enum.StrEnum):
+    """What a tenant limit did to a request (the `action` label of rate_limited_total)."""
+
+    REJECTED = "rejected"
+    DELAYED = "delayed"
+
 
 # LLM requests take from milliseconds (queue, first token) to minutes (long batch output).
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
@@ -184,28 +196,29 @@ class GuardMetrics:
             registry=self.registry,
         )
         self._tenant_requests = {t: tenant_requests.labels(t) for t in config.tenants}
-        # Start every series a limited tenant can have at 0, so rate() sees the first hit.
+        # Every series a limited tenant can have, bound once and started at 0 (so rate()
+        # sees the first hit).
+        self._rate_limited_by: dict[tuple[str, str, str], Any] = {}
+        self._tokens_by: dict[tuple[str, str], Any] = {}
         for name, tenant in config.tenants.items():
             if tenant.limits is None:
                 continue
             for dim in tenant.limits.dimensions():
-                for action in ("rejected", "delayed"):
-                    self._rate_limited.labels(name, dim, action)
-            if tenant.limits.counts_tokens:
-                for kind in ("charged", "used"):
-                    self._tokens.labels(name, kind)
+                for action in LimitAction:
+                    key = (name, dim, action)
+                    self._rate_limited_by[key] = self._rate_limited.labels(*key)
+            for kind in ("charged", "used"):
+                self._tokens_by[name, kind] = self._tokens.labels(name, kind)
         names = [c.name for c in config.classes]
         self.outcome = {
-            (name, outcome): requests.labels(name, outcome)
-            for name in names
-            for outcome in OUTCOMES
+            (name, outcome): requests.labels(name, outcome) for name in names for outcome in Outcome
         }
         self.queue_wait = {name: queue_wait.labels(name) for name in names}
         self._duration = {name: duration.labels(name) for name in names}
         self._ttft = {name: ttft.labels(name) for name in names}
         self.registry.register(_StateCollector(admission, engine, monitor))
 
-    def count(self, class_name: str, outcome: str) -> None:
+    def count(self, class_name: str, outcome: Outcome) -> None:
         self.outcome[class_name, outcome].inc()
 
     def served(self, class_name: str, arrived: float, first_at: float | None, end: float) -> None:
@@ -214,14 +227,16 @@ class GuardMetrics:
             self._ttft[class_name].observe(first_at - arrived)
 
     def tokens(self, tenant: str, charged: int, used: int) -> None:
-        self._tokens.labels(tenant, "charged").inc(charged)
-        self._tokens.labels(tenant, "used").inc(used)
+        self._tokens_by[tenant, "charged"].inc(charged)
+        self._tokens_by[tenant, "used"].inc(used)
 
     def request(self, tenant: str) -> None:
         self._tenant_requests[tenant].inc()
 
-    def rate_limited(self, tenant: str, dimension: str, action: str = "rejected") -> None:
-        self._rate_limited.labels(tenant, dimension, action).inc()
+    def rate_limited(
+        self, tenant: str, dimension: str, action: LimitAction = LimitAction.REJECTED
+    ) -> None:
+        self._rate_limited_by[tenant, dimension, action].inc()
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, bytes]:

@@ -92,9 +92,6 @@ ENGINE_UNAVAILABLE = ErrorResponse(
 UPSTREAM_TIMEOUT = ErrorResponse(
     504, "The inference engine did not answer in time.", "server_error", "upstream_timeout"
 )
-SHUTTING_DOWN = ErrorResponse(
-    503, "vllm-guard is shutting down.", "service_unavailable", "shutting_down"
-)
 
 
 def body_too_large(limit: int) -> ErrorResponse:
