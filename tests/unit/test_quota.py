@@ -250,3 +250,17 @@ def test_open_reservations_hold_back_refill():
 )
 def test_go_durations_like_openai(seconds, text):
     assert go_duration(seconds) == text
+
+
+def test_a_changed_limit_clips_the_bucket_and_never_refills_it():
+    bucket = TokenBucket(600, 10, now=0.0)
+    bucket.reserve(100, 0.0)
+    bucket.set_limit(300, 5, now=0.0)  # lower: clipped to the new capacity
+    assert (bucket.capacity, bucket.rate, bucket.level) == (300, 5, 300)
+    assert bucket.reserved == 100  # the open reservation stays
+    bucket.set_limit(1000, 20, now=0.0)  # higher: not refilled by the change
+    assert bucket.level == 300
+    bucket.clip(120)
+    assert bucket.level == 120
+    bucket.clip(500)  # clipping never raises the level
+    assert bucket.level == 120

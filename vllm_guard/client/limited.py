@@ -327,7 +327,7 @@ class LimitedClient:
             # in flight twice (the client holds their reservations already).
             remaining = _number(headers.get(f"x-ratelimit-remaining-{name}"))
             if remaining is not None:
-                bucket.level = min(bucket.level, remaining)
+                bucket.clip(remaining)
 
     def _set_bucket(self, name: str, per_minute: float, now: float = -math.inf) -> TokenBucket:
         """Create the bucket, or change its limit in place (open reservations stay on it)."""
@@ -335,10 +335,7 @@ class LimitedClient:
         if bucket is None:
             bucket = self._buckets[name] = TokenBucket(per_minute, per_minute / 60.0, now)
         else:
-            bucket.refill(now)
-            bucket.capacity = per_minute
-            bucket.rate = per_minute / 60.0
-            bucket.level = min(bucket.level, per_minute)
+            bucket.set_limit(per_minute, per_minute / 60.0, now)
         return bucket
 
 

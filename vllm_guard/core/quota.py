@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 REQUESTS = "requests_per_minute"
 TOKENS_MINUTE = "tokens_per_minute"
@@ -82,6 +82,18 @@ class TokenBucket:
         self.level -= cost
         self.reserved += cost
 
+    def set_limit(self, capacity: float, rate: float, now: float) -> None:
+        """Change the limit in place: open reservations stay, the level is clipped to the
+        new capacity and never raised by the change."""
+        self.refill(now)
+        self.capacity = capacity
+        self.rate = rate
+        self.level = min(self.level, capacity)
+
+    def clip(self, level: float) -> None:
+        """Lower the level to `level` if it is above (e.g. what a server says is left)."""
+        self.level = min(self.level, level)
+
     def settle(self, reserved: float, used: float, now: float) -> None:
         """End a reservation of `reserved` that used `used`; using more than was reserved
         is taken too, possibly into debt, which refill pays off before anything else."""
@@ -132,7 +144,7 @@ class Reservation:
 
     __slots__ = ("quota", "settled", "tokens")
 
-    def __init__(self, quota: TenantQuota, tokens: int) -> None:
+    def __init__(self, quota: QuotaStore, tokens: int) -> None:
         self.quota = quota
         self.tokens = tokens
         self.settled = False
@@ -149,7 +161,30 @@ class Snapshot(NamedTuple):
     reset_tokens_s: float
 
 
+class QuotaStore(Protocol):
+    """Where a tenant's buckets and concurrency live. `TenantQuota` keeps them in this
+    process; a shared store (Redis, across guard replicas) is the other implementation.
+    The asyncio side (`proxy/quota_gate.py`) and the app use only this."""
+
+    limits: Limits
+    in_flight: int
+
+    def check(self, tokens: int, now: float) -> Denied | None: ...
+
+    def try_reserve(self, tokens: int, now: float) -> Reservation | Denied: ...
+
+    def top_up(self, reservation: Reservation, tokens: int, now: float) -> bool: ...
+
+    def settle(
+        self, reservation: Reservation, used_tokens: int, now: float, sent: bool = True
+    ) -> None: ...
+
+    def snapshot(self, now: float) -> Snapshot: ...
+
+
 class TenantQuota:
+    """A `QuotaStore` in this process's memory."""
+
     def __init__(self, limits: Limits, now: float) -> None:
         self.limits = limits
         burst = limits.burst or {}

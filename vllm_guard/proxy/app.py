@@ -36,7 +36,7 @@ from vllm_guard.core.cost import (
     prompt_token_bound,
     tokenize_request,
 )
-from vllm_guard.core.quota import Denied, Reservation, TenantQuota, go_duration
+from vllm_guard.core.quota import Denied, QuotaStore, Reservation, TenantQuota, go_duration
 from vllm_guard.engine.state import EngineState
 from vllm_guard.proxy import responses
 from vllm_guard.proxy.admission_gate import Gate, RefusalReason, Refused, retry_after_header
@@ -442,7 +442,7 @@ class GuardApp:
         return min(tokens, limit * request.sequences) if limit else tokens
 
     async def _rate_limited(
-        self, send: Any, tenant: str, quota: TenantQuota, denied: Denied, est: Estimate
+        self, send: Any, tenant: str, quota: QuotaStore, denied: Denied, est: Estimate
     ) -> None:
         now = self.clock.now()
         headers = _ratelimit_headers(quota, now)
@@ -668,7 +668,7 @@ def _usage_of_body(data: bytes) -> int | None:
         return None
 
 
-def _ratelimit_headers(quota: TenantQuota, now: float) -> list[tuple[bytes, bytes]]:
+def _ratelimit_headers(quota: QuotaStore, now: float) -> list[tuple[bytes, bytes]]:
     """OpenAI's x-ratelimit-* headers, for the dimensions the tenant is limited on."""
     snap = quota.snapshot(now)
     headers = []

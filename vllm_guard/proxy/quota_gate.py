@@ -17,7 +17,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 
-from vllm_guard.core.quota import CONCURRENCY, Denied, Reservation, TenantQuota
+from vllm_guard.core.quota import CONCURRENCY, Denied, QuotaStore, Reservation
 from vllm_guard.proxy.clock import Clock, LoopClock, TimerHandle
 
 
@@ -35,7 +35,7 @@ class _Waiter:
 class QuotaGate:
     def __init__(
         self,
-        quota: TenantQuota,
+        quota: QuotaStore,
         on_delay: Callable[[str], None] | None = None,
         clock: Clock | None = None,
     ) -> None:
