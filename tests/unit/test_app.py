@@ -12,6 +12,7 @@ from tests.unit.asgi import Client, call
 from tests.unit.conftest import ready_app, until
 from tests.unit.fake_upstream import FakeVllm
 from vllm_guard.config import parse_config
+from vllm_guard.engine.state import EngineState
 from vllm_guard.proxy.app import GuardApp
 from vllm_guard.upstream.connections import Upstream
 
@@ -133,12 +134,14 @@ async def test_engine_down_gives_503_with_retry_after(app, fake):
 
 
 async def test_unreachable_upstream_releases_slot(app):
-    await app.upstream.close()
+    engine = EngineState()
+    engine.set("ready")
     # The discard port: connection refused.
-    app.upstream = Upstream("http://127.0.0.1:9", app.config.guard)
-    r = await call(app, "POST", "/v1/completions", CHAT, BODY)
+    down = GuardApp(app.config, Upstream("http://127.0.0.1:9", app.config.guard), engine)
+    r = await call(down, "POST", "/v1/completions", CHAT, BODY)
     assert r.status == 503 and "retry-after" in r.headers
-    assert in_flight(app) == 0
+    assert in_flight(down) == 0
+    await down.upstream.close()
 
 
 async def test_stream_passes_chunks_and_releases(app, fake):
@@ -293,7 +296,7 @@ async def test_bodies_of_waiting_requests_are_bounded(fake):
         assert int(r.headers["retry-after"]) >= 1
         fake.release.set()
         assert [r.status for r in await asyncio.gather(*holders, *waiters)] == [200] * 6
-        assert app._waiting_bytes == 0 and in_flight(app) == 0
+        assert app.generation.waiting_bytes == 0 and in_flight(app) == 0
         r = await call(app, "POST", "/v1/completions", ETL, big)
         assert r.status == 200
     finally:

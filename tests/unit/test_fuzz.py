@@ -87,7 +87,7 @@ def check_nothing_held(app) -> None:
     assert app.admission.in_flight == 0
     assert app.admission.kv.reserved == 0
     assert all(s.in_flight == 0 and s.queued == 0 for s in app.admission.statistics())
-    assert app._waiting_bytes == 0
+    assert app.generation.waiting_bytes == 0
     for gate in app.quota_gates.values():
         assert gate.waiting == 0 and gate.quota.in_flight == 0
         assert all(b.reserved == 0 for b in gate.quota.buckets.values())

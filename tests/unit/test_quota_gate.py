@@ -1,18 +1,19 @@
-"""The asyncio side of on_limit: wait, on the real loop (short waits only)."""
+"""The asyncio side of on_limit: wait, on a manual clock (no real sleeps)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 
+from tests.unit.conftest import ManualClock
 from vllm_guard.core.quota import Denied, Limits, Reservation, TenantQuota
 from vllm_guard.proxy.quota_gate import QuotaGate
 
 
 async def test_many_waiters_cancels_and_expiries_keep_the_count_exact():
     rng = random.Random(3)
-    gate = QuotaGate(TenantQuota(Limits(max_concurrent=1), now=0.0))
-    loop = asyncio.get_running_loop()
+    clock = ManualClock()
+    gate = QuotaGate(TenantQuota(Limits(max_concurrent=1), now=0.0), clock=clock)
     holder = await gate.reserve(1, max_wait_s=5)
     assert isinstance(holder, Reservation)
     # 300 waiters; a third of them with a deadline that passes while they wait.
@@ -24,11 +25,11 @@ async def test_many_waiters_cancels_and_expiries_keep_the_count_exact():
     assert gate.waiting == 300
     for t in rng.sample(tasks, 60):
         t.cancel()
-    await asyncio.sleep(0.1)  # the short deadlines pass: those get a refusal
+    await clock.advance(0.1)  # the short deadlines pass: those get a refusal
     granted = 0
     current = holder
     while True:
-        gate.quota.settle(current, 1, loop.time())
+        gate.quota.settle(current, 1, clock.now())
         gate.settled()
         await asyncio.sleep(0)
         nxt = _open_grant(tasks)

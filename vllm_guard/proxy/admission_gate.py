@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
+from collections.abc import Iterable
 
 from vllm_guard.core.admission import Admission, Decision, Ticket, TicketState
 from vllm_guard.core.classes import PriorityClass
 from vllm_guard.proxy.clock import Clock, LoopClock, TimerHandle
+from vllm_guard.proxy.responses import ErrorResponse
 
 
 class RefusalReason(enum.Enum):
@@ -113,3 +115,25 @@ def _wake(ticket: Ticket) -> None:
 def retry_after_header(seconds: float) -> bytes:
     """Whole seconds, rounded up, at least 1 (RFC 9110 delay-seconds)."""
     return str(max(1, math.ceil(seconds))).encode()
+
+
+def refusal_responses(
+    classes: Iterable[PriorityClass],
+) -> dict[tuple[str, RefusalReason], ErrorResponse]:
+    """The 503 for each class and reason, built once at load."""
+    out = {}
+    for c in classes:
+        full = (
+            f"The {c.name!r} queue is full ({c.max_queue} requests waiting); retry after the "
+            "delay in the retry-after header."
+        )
+        timeout = (
+            f"No engine slot became free for class {c.name!r} within its max_wait_s of "
+            f"{c.max_wait_s:g} s; retry after the delay in the retry-after header."
+        )
+        for reason, message in (
+            (RefusalReason.QUEUE_FULL, full),
+            (RefusalReason.QUEUE_TIMEOUT, timeout),
+        ):
+            out[c.name, reason] = ErrorResponse(503, message, "service_unavailable", reason.value)
+    return out

@@ -13,6 +13,8 @@ import json
 import re
 from typing import Any
 
+from vllm_guard.core.cost import Estimate
+
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
@@ -77,3 +79,52 @@ class UsageTap:
     def flush(self) -> bytes:
         rest, self._buffer = self._buffer, b""
         return rest
+
+
+def asked_for_usage(payload: dict[str, Any]) -> bool:
+    """The client asked for the stream's usage chunk itself."""
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def usage_of_body(data: bytes) -> int | None:
+    """`usage.total_tokens` of a whole (non-streamed) answer, if it has one."""
+    try:
+        return usage_total(json.loads(data).get("usage"))
+    except (ValueError, AttributeError):
+        return None
+
+
+class RequestUsage:
+    """What forwarding learned about a request's real cost, for settling its quota (and
+    the body bytes it counts against the waiting budget until it is admitted).
+
+    Charged when vLLM gave no usage: a stream that was cut off pays its prompt plus one
+    token per content event streamed; a request vLLM may have worked on without saying
+    how much (no answer, a client that left before a non-streaming answer) pays its whole
+    estimate, so leaving early never buys free compute; an error status from vLLM pays no
+    tokens (it refused before generating) but still counts as a request."""
+
+    __slots__ = (
+        "arrived", "events", "first_at", "sent", "status", "total", "waiting_bytes",
+        "wants_usage",
+    )  # fmt: skip
+
+    def __init__(self, wants_usage: bool, arrived: float) -> None:
+        self.wants_usage = wants_usage  # the client asked for the stream's usage chunk
+        self.arrived = arrived  # loop time the guard had the whole request
+        self.first_at: float | None = None  # loop time the first streamed bytes went out
+        self.sent = False  # handed to vLLM (it may have worked on it)
+        self.status = 0
+        self.total: int | None = None  # usage.total_tokens, when vLLM reported it
+        self.events = 0  # content events streamed
+        self.waiting_bytes = 0  # body bytes counted against guard.max_waiting_body_bytes
+
+    def used_tokens(self, est: Estimate, stream: bool) -> int:
+        if self.total is not None:
+            return self.total
+        if self.status == 200 and stream:
+            return est.prompt_tokens + self.events
+        if self.status in (0, 200):
+            return est.total
+        return 0

@@ -1,0 +1,143 @@
+"""Charging a request to its tenant's quota: the cheap dimensions first, then the counted
+prompt; the 429 (or 400) when it does not fit, with OpenAI's x-ratelimit-* headers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from vllm_guard.core.classes import PriorityClass, Tenant
+from vllm_guard.core.cost import Estimate, completion_budget, estimate, tokenize_request
+from vllm_guard.core.quota import Denied, QuotaStore, Reservation, go_duration
+from vllm_guard.proxy import responses
+from vllm_guard.proxy.clock import Clock
+from vllm_guard.proxy.metrics import GuardMetrics
+from vllm_guard.proxy.quota_gate import QuotaGate
+from vllm_guard.upstream.connections import Upstream
+
+
+class QuotaCharge:
+    def __init__(
+        self,
+        tenants: Mapping[str, Tenant],
+        upstream: Upstream,
+        metrics: GuardMetrics,
+        clock: Clock,
+    ) -> None:
+        self.upstream = upstream
+        self.metrics = metrics
+        self.clock = clock
+        # The 429 of each tenant and dimension, built once at load.
+        self._limit_reached = {
+            (name, dim): responses.ErrorResponse(
+                429,
+                f"Rate limit reached for tenant {name!r} on {dim} (limit "
+                f"{getattr(t.limits, dim):g}); retry after the delay in the retry-after header.",
+                "rate_limit_exceeded",
+                dim,
+            )
+            for name, t in tenants.items()
+            if t.limits is not None
+            for dim in t.limits.dimensions()
+        }
+
+    async def __call__(
+        self,
+        send: Any,
+        quota: QuotaGate,
+        tenant: str,
+        path: str,
+        payload: dict[str, Any],
+        priority_class: PriorityClass,
+    ) -> tuple[Reservation, Estimate] | None:
+        """Reserve the request's cost on its tenant's quota; or answer 429 (or 400 for a
+        request that can never fit) and return None, holding nothing.
+
+        The cheap part first: one request, its concurrency slot and its completion budget
+        (a lower bound on its tokens), so a request over its limit costs the engine nothing.
+        Only then is the prompt counted (vLLM's /tokenize) and added. If the buckets cannot
+        pay that part now, the hold is given back whole and the request waits for its full
+        cost like any other (its time waited so far counts against max_wait_s)."""
+        limits = quota.quota.limits
+        max_wait_s = priority_class.max_wait_s if priority_class.wait_on_limit else 0.0
+        clock = self.clock
+        started = clock.now()
+        est = Estimate(0, 0, True)
+        if limits.counts_tokens:
+            completion = completion_budget(path, payload, priority_class.default_max_tokens)
+            est = Estimate(0, completion, False)
+        held = await quota.reserve(est.total, max_wait_s, priority_class.max_queue)
+        if isinstance(held, Denied):
+            await self._rate_limited(send, tenant, quota.quota, held, est)
+            return None
+        if not limits.counts_tokens:
+            return held, est
+        try:
+            counting = tokenize_request(path, payload)
+            exact = None if counting is None else await self.upstream.tokenize(counting)
+            est = estimate(path, payload, priority_class.default_max_tokens, exact)
+        except BaseException:  # the client left while its prompt was counted
+            quota.quota.settle(held, 0, clock.now(), sent=False)
+            quota.settled()
+            raise
+        extra = est.total - held.tokens
+        if extra > 0 and not quota.quota.top_up(held, extra, clock.now()):
+            quota.quota.settle(held, 0, clock.now(), sent=False)
+            quota.settled()
+            waited_s = clock.now() - started
+            wait_s = max(0.0, max_wait_s - waited_s)
+            held = await quota.reserve(est.total, wait_s, priority_class.max_queue)
+            if isinstance(held, Denied):
+                await self._rate_limited(send, tenant, quota.quota, held, est)
+                return None
+        return held, est
+
+    async def _rate_limited(
+        self, send: Any, tenant: str, quota: QuotaStore, denied: Denied, est: Estimate
+    ) -> None:
+        now = self.clock.now()
+        headers = ratelimit_headers(quota, now)
+        self.metrics.rate_limited(tenant, denied.dimension)
+        if denied.retry_after_s == float("inf"):
+            needs = (
+                f"an estimated {est.total} tokens ({est.prompt_tokens} prompt + "
+                f"{est.completion_tokens} completion)"
+                if est.prompt_tokens
+                else f"at least {est.completion_tokens} tokens for its completion"
+            )
+            return await responses.ErrorResponse(
+                400,
+                f"This request needs {needs}, more than the {denied.dimension} limit of "
+                f"{denied.limit:g} can ever allow; lower max_tokens or split it.",
+                "invalid_request_error",
+                "request_exceeds_limit",
+                param="max_tokens",
+            ).send(send, headers)
+        # Concurrency has no refill time: a slot frees when one of the tenant's requests ends.
+        wait_s = max(denied.retry_after_s, 0.001) if denied.retry_after_s else 1.0
+        response = self._limit_reached[tenant, denied.dimension]
+        headers += [
+            (b"retry-after", str(min(60, max(1, math.ceil(wait_s)))).encode()),
+            (b"retry-after-ms", str(math.ceil(wait_s * 1000)).encode()),
+        ]
+        await response.send(send, headers)
+
+
+def ratelimit_headers(quota: QuotaStore, now: float) -> list[tuple[bytes, bytes]]:
+    """OpenAI's x-ratelimit-* headers, for the dimensions the tenant is limited on."""
+    snap = quota.snapshot(now)
+    headers = []
+    if snap.limit_requests is not None:
+        headers += [
+            (b"x-ratelimit-limit-requests", b"%d" % snap.limit_requests),
+            (b"x-ratelimit-remaining-requests", b"%d" % snap.remaining_requests),
+            (b"x-ratelimit-reset-requests", go_duration(snap.reset_requests_s).encode()),
+        ]
+    if snap.limit_tokens is not None:
+        headers += [
+            (b"x-ratelimit-limit-tokens", b"%d" % snap.limit_tokens),
+            (b"x-ratelimit-remaining-tokens", b"%d" % snap.remaining_tokens),
+            (b"x-ratelimit-reset-tokens", go_duration(snap.reset_tokens_s).encode()),
+        ]
+    return headers
