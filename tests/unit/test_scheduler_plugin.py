@@ -1,0 +1,202 @@
+"""The scheduler plugin inside vLLM's own scheduler, built in-process (no HTTP, no model
+run), as vLLM's scheduler tests do: add requests, run steps with made-up model outputs,
+check who runs, who was preempted, and that every KV block comes back. vLLM's test helpers
+are not in the wheel; the builders below are this project's own, for vLLM 0.32."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+)
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request, RequestStatus
+from vllm.v1.structured_output import StructuredOutputManager
+
+from vllm_guard.engine.preemption import POLICY_ENV, PreemptionPolicy
+from vllm_guard.engine.scheduler import (
+    GuardAsyncScheduler,
+    GuardScheduler,
+    check_vllm_version,
+)
+from vllm_guard.engine.tiny_model import ensure_tiny_model
+
+BLOCK = 16
+_ids = itertools.count()
+
+
+def build(
+    cls: type[Scheduler],
+    max_num_seqs: int = 4,
+    num_blocks: int = 1000,
+    async_scheduling: bool = False,
+) -> Scheduler:
+    model = ModelConfig(model=str(ensure_tiny_model()), dtype="float32", seed=0)
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=4096,
+        max_model_len=2048,
+        enable_chunked_prefill=True,
+        async_scheduling=async_scheduling,
+        policy="priority",
+        is_encoder_decoder=False,
+    )
+    cache = CacheConfig(block_size=BLOCK, enable_prefix_caching=False)
+    vllm_config = VllmConfig(
+        scheduler_config=scheduler_config, model_config=model, cache_config=cache
+    )
+    kv = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[],
+        kv_cache_groups=[
+            KVCacheGroupSpec(
+                ["layer"],
+                FullAttentionSpec(
+                    block_size=BLOCK, num_kv_heads=1, head_size=64, dtype=torch.float32
+                ),
+            )
+        ],
+    )
+    cache.num_gpu_blocks = num_blocks
+    return cls(
+        vllm_config=vllm_config,
+        kv_cache_config=kv,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=BLOCK,
+    )
+
+
+def request(priority: int, prompt_tokens: int = 8, max_tokens: int = 64) -> Request:
+    i = next(_ids)
+    return Request(
+        request_id=f"r{i}-p{priority}",
+        prompt_token_ids=[1 + i % 50] * prompt_tokens,
+        sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        pooling_params=None,
+        priority=priority,
+    )
+
+
+def step(scheduler: Scheduler) -> set[str]:
+    """One scheduling step and a made-up model output (one token per scheduled request);
+    the ids scheduled."""
+    out = scheduler.schedule()
+    ids = list(out.num_scheduled_tokens)
+    runner = ModelRunnerOutput(
+        req_ids=ids,
+        req_id_to_index={r: i for i, r in enumerate(ids)},
+        sampled_token_ids=[[7] for _ in ids],
+    )
+    scheduler.update_from_output(out, runner)
+    return set(ids)
+
+
+@pytest.fixture(autouse=True)
+def policy(monkeypatch):
+    monkeypatch.setenv(POLICY_ENV, PreemptionPolicy(0, 4, 3).to_env())
+
+
+def test_vllm_alone_never_makes_room_for_a_waiting_urgent_request():
+    """The gap the plugin closes, on vLLM's own scheduler: slots full of batch, an urgent
+    request waits until one finishes."""
+    sched = build(Scheduler)
+    batch = [request(10) for _ in range(4)]
+    for r in batch:
+        sched.add_request(r)
+    step(sched)
+    urgent = request(0)
+    sched.add_request(urgent)
+    for _ in range(5):
+        assert urgent.request_id not in step(sched)
+    assert urgent.status == RequestStatus.WAITING
+
+
+@pytest.mark.parametrize("cls", [GuardScheduler, GuardAsyncScheduler])
+def test_an_urgent_request_runs_in_the_next_step_and_its_victim_resumes(cls):
+    sched = build(cls, async_scheduling=cls is GuardAsyncScheduler)
+    batch = [request(10, max_tokens=20) for _ in range(4)]
+    for r in batch:
+        sched.add_request(r)
+    for _ in range(3):
+        step(sched)
+    urgent = request(0, max_tokens=3)
+    sched.add_request(urgent)
+    assert urgent.request_id in step(sched)  # scheduled in the very next step
+    preempted = [r for r in batch if r.num_preemptions == 1]
+    assert len(preempted) == 1
+    assert all(r.priority == 10 for r in preempted)
+    for _ in range(200):
+        if not sched.has_requests():
+            break
+        step(sched)
+    assert not sched.has_requests()  # everyone finished, the victim too
+    assert all(r.status == RequestStatus.FINISHED_LENGTH_CAPPED for r in [*batch, urgent])
+    pool = sched.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # no block leaked
+
+
+def test_urgent_requests_are_never_preempted_for_each_other():
+    sched = build(GuardScheduler)
+    urgent = [request(0) for _ in range(4)]
+    for r in urgent:
+        sched.add_request(r)
+    step(sched)
+    late = request(0)
+    sched.add_request(late)
+    for _ in range(3):
+        step(sched)
+    assert all(r.num_preemptions == 0 for r in urgent)
+
+
+def test_the_plugin_refuses_another_vllm_version():
+    check_vllm_version("0.32.0")
+    with pytest.raises(RuntimeError, match=r"engine\.scheduler: vllm"):
+        check_vllm_version("0.33.1")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrivals=st.lists(
+        st.tuples(
+            st.integers(0, 3),  # steps before it arrives
+            st.sampled_from([0, 0, 10, 20]),  # priority
+            st.integers(1, 40),  # prompt tokens
+            st.integers(1, 30),  # max tokens
+        ),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_any_interleaving_finishes_everyone_and_leaks_no_block(arrivals):
+    """Enough KV blocks that vLLM itself never preempts: every preemption is the plugin's.
+    Urgent requests are never preempted, nobody more than max_preemptions_per_request times,
+    everyone finishes, and every block comes back."""
+    sched = build(GuardScheduler, max_num_seqs=3)
+    requests = []
+    for wait, priority, prompt, max_tokens in arrivals:
+        for _ in range(wait):
+            step(sched)
+        r = request(priority, prompt, max_tokens)
+        requests.append(r)
+        sched.add_request(r)
+    for _ in range(2000):
+        if not sched.has_requests():
+            break
+        step(sched)
+    assert not sched.has_requests()
+    event(f"plugin preemptions: {min(sched.guard_preemptions, 3)}+")
+    assert all(r.status == RequestStatus.FINISHED_LENGTH_CAPPED for r in requests)
+    assert all(r.num_preemptions == 0 for r in requests if r.priority == 0)
+    assert all(r.num_preemptions <= 3 for r in requests)
+    pool = sched.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
