@@ -39,6 +39,7 @@ from common import added_over_pairs, alternating_pairs, write_report
 
 from vllm_guard.demo.workload import percentile
 from vllm_guard.engine.launcher import free_port
+from vllm_guard.testing.stack import start_proxy, stop
 
 CONFIG = """
 engine: {max_num_seqs: 1024}
@@ -149,12 +150,14 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     )
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(CONFIG)
-    guard = subprocess.Popen(
-        [sys.executable, "-m", "vllm_guard", "--log-level", "warning", "proxy", "--upstream",
-         f"http://127.0.0.1:{up_port}", "--config", f.name, "--port", str(guard_port)],
-        env={**os.environ, "CHAT_UI_KEY": KEY},
+    guard = start_proxy(
+        f"http://127.0.0.1:{up_port}",
+        Path(f.name),
+        guard_port,
+        {"CHAT_UI_KEY": KEY},
         preexec_fn=lambda: os.sched_setaffinity(0, {guard_cpu}),
-    )  # fmt: skip
+        log_level="warning",
+    )
     os.sched_setaffinity(0, others)
     up_url, guard_url = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{guard_port}"
     try:
@@ -170,8 +173,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         paced = await _paced(up_url, guard_url, args)
     finally:
         for p in (guard, upstream):
-            p.terminate()
-            p.wait(10)
+            stop(p, 10)
         os.unlink(f.name)
     through["guard_cpu_s"] = cpu
     through["guard_cpu_ms_per_request"] = cpu * 1000 / max(through["requests"], 1)

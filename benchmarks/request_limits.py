@@ -36,6 +36,7 @@ from common import write_report
 
 from vllm_guard.demo.workload import percentile
 from vllm_guard.engine.launcher import free_port
+from vllm_guard.testing.stack import start_proxy, stop
 
 HERE = Path(__file__).resolve().parent
 CONFIG = """
@@ -146,12 +147,13 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(CONFIG)
     tree = Path(args.tree).resolve()
-    guard = subprocess.Popen(
-        [sys.executable, "-m", "vllm_guard", "proxy", "--upstream",
-         f"http://127.0.0.1:{up_port}", "--config", f.name, "--port", str(guard_port)],
-        env={**os.environ, "CHAT_UI_KEY": "k", "PYTHONPATH": str(tree)},
+    guard = start_proxy(
+        f"http://127.0.0.1:{up_port}",
+        Path(f.name),
+        guard_port,
+        {"CHAT_UI_KEY": "k", "PYTHONPATH": str(tree)},
         cwd=tree,
-    )  # fmt: skip
+    )
     try:
         for _ in range(300):
             try:
@@ -163,8 +165,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         slow = await _slowloris(guard_port, args.slow, args.hold_s)
     finally:
         for p in (guard, upstream):
-            p.terminate()
-            p.wait(10)
+            stop(p, 10)
         os.unlink(f.name)
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
-import httpx
 import openai
 import pytest
 
 from tests.integration.conftest import CONFIG, KEYS
 from vllm_guard.engine.launcher import free_port
+from vllm_guard.testing.stack import start_proxy, stop, wait_healthy
 
 pytestmark = pytest.mark.integration
 
@@ -22,28 +16,13 @@ pytestmark = pytest.mark.integration
 def proxy(stack, tmp_path_factory):
     log = tmp_path_factory.mktemp("proxy") / "proxy.log"
     port = free_port()
-    cmd = [
-        sys.executable, "-m", "vllm_guard", "proxy", "--upstream", stack.vllm_url,
-        "--config", str(CONFIG), "--port", str(port),
-    ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env={**os.environ, **KEYS}, stdout=out, stderr=out)
+    proc = start_proxy(stack.vllm_url, CONFIG, port, KEYS, log)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:  # the proxy follows the upstream's /health every 2 s
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        wait_healthy(url, proc, 60, log)  # the proxy follows the upstream's /health every 2 s
         yield url, log
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        stop(proc)
 
 
 def test_proxy_guards_an_existing_vllm(proxy):

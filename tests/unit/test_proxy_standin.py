@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import struct
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 
 from tests.conftest import KEYS
 from vllm_guard.engine.launcher import free_port
+from vllm_guard.testing.stack import start_proxy, stop, wait_healthy
 
 CONFIG = """
 engine: {max_num_seqs: 128, queue_ahead: 0, kv_admission: false}
@@ -32,19 +32,6 @@ tenants:
 """
 
 
-def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
-
-
 @contextlib.contextmanager
 def _guard_process(tmp_path: Path, config_text: str) -> Iterator[tuple[int, Path]]:
     """A stand-in engine in streaming mode "big", `vllm-guard proxy` before it: the guard's
@@ -53,26 +40,21 @@ def _guard_process(tmp_path: Path, config_text: str) -> Iterator[tuple[int, Path
     config = tmp_path / "limits.yaml"
     config.write_text(config_text)
     log = tmp_path / "processes.log"
-    procs: list[subprocess.Popen[bytes]] = []
-    with open(log, "wb") as out:
-        engine = [
-            sys.executable, "-m", "tests.unit.fake_upstream", "--port", str(engine_port),
-            "--mode", "big",
-        ]  # fmt: skip
-        procs.append(subprocess.Popen(engine, stdout=out, stderr=out))
-        guard = [
-            sys.executable, "-m", "vllm_guard", "proxy", "--config", str(config),
-            "--upstream", f"http://127.0.0.1:{engine_port}", "--port", str(guard_port),
-        ]  # fmt: skip
-        procs.append(subprocess.Popen(guard, env={**os.environ, **KEYS}, stdout=out, stderr=out))
+    engine_cmd = [
+        sys.executable, "-m", "tests.unit.fake_upstream", "--port", str(engine_port),
+        "--mode", "big",
+    ]  # fmt: skip
+    with open(log, "ab") as out:
+        engine = subprocess.Popen(engine_cmd, stdout=out, stderr=out)
+    upstream = f"http://127.0.0.1:{engine_port}"
+    guard = start_proxy(upstream, config, guard_port, KEYS, log)
     try:
-        _wait_http(f"http://127.0.0.1:{engine_port}/health", procs[0], log)
-        _wait_http(f"http://127.0.0.1:{guard_port}/health", procs[1], log)
+        wait_healthy(upstream, engine, 30, log)
+        wait_healthy(f"http://127.0.0.1:{guard_port}", guard, 30, log)
         yield guard_port, log
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(10)
+        for proc in (guard, engine):
+            stop(proc, 10)
 
 
 @pytest.fixture

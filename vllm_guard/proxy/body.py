@@ -58,10 +58,23 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+# Built once: json.loads with any keyword argument builds a new decoder for every call.
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+
+
+def _text(raw: bytes) -> str:
+    """The body as text, as json.loads reads bytes (UTF-8, -16 or -32); a BOM is an
+    error, as json.loads says for text that starts with one."""
+    text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return text
+
+
 def parse_request(raw: bytes, path: str) -> ParsedRequest | responses.ErrorResponse:
     """Parse and normalise a /v1/completions or /v1/chat/completions body."""
     try:
-        payload = json.loads(raw, parse_constant=_no_constants)
+        payload = _DECODER.decode(_text(raw))
     except RecursionError:
         return responses.bad_request("Request body is nested too deeply.")
     except (ValueError, UnicodeDecodeError) as exc:

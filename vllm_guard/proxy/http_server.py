@@ -84,7 +84,13 @@ def protocol_class(settings: GuardSettings, retry_after_s: int) -> type[HttpTool
     )
 
     class GuardHttpProtocol(HttpToolsProtocol):
-        _deadline: asyncio.TimerHandle | None = None
+        # One timer per connection for the head and body deadlines: a request moves
+        # `_deadline_at` (a float) instead of arming and cancelling a timer twice; the timer
+        # re-arms itself when it fires before the current deadline.
+        _timer: asyncio.TimerHandle | None = None
+        _deadline_at: float | None = None
+        _deadline_answer = b""
+        _linger: asyncio.TimerHandle | None = None
         _stall: asyncio.TimerHandle | None = None
         _discarding = False  # answered and half-closed: what still arrives is dropped
         _in_head = True  # the bytes arriving belong to a request head
@@ -102,8 +108,9 @@ def protocol_class(settings: GuardSettings, retry_after_s: int) -> type[HttpTool
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
-            if self._stall is not None:
-                self._stall.cancel()
+            for timer in (self._timer, self._linger, self._stall):
+                if timer is not None:
+                    timer.cancel()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -183,16 +190,26 @@ def protocol_class(settings: GuardSettings, retry_after_s: int) -> type[HttpTool
         # -- internals ---------------------------------------------------------------
 
         def _arm(self, seconds: float, response: bytes) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(seconds, self._expired, response)
+            self._deadline_at = at = self.loop.time() + seconds
+            self._deadline_answer = response
+            if self._timer is None:
+                self._timer = self.loop.call_at(at, self._check_deadline)
 
         def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
+            self._deadline_at = None  # the timer, if armed, finds nothing to do
+
+        def _check_deadline(self) -> None:
+            self._timer = None
+            at = self._deadline_at
+            if at is None:
+                return
+            if self.loop.time() < at:
+                self._timer = self.loop.call_at(at, self._check_deadline)
+                return
+            self._deadline_at = None
+            self._expired(self._deadline_answer)
 
         def _expired(self, response: bytes) -> None:
-            self._deadline = None
             if self.cycle is not None and self.cycle.response_started:
                 self.transport.close()  # cannot answer any more; just end it
             else:
@@ -212,6 +229,6 @@ def protocol_class(settings: GuardSettings, retry_after_s: int) -> type[HttpTool
                 return
             transport.write_eof()
             self._discarding = True
-            self._deadline = self.loop.call_later(_LINGER_S, transport.close)
+            self._linger = self.loop.call_later(_LINGER_S, transport.close)
 
     return GuardHttpProtocol

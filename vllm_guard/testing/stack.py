@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -98,14 +99,8 @@ class Stack:
         raise RuntimeError(f"stack not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop(self.proc, 60)
 
 
 @contextlib.asynccontextmanager
@@ -124,3 +119,70 @@ async def running_stack(config_text: str, **kw: Any) -> AsyncIterator[Stack]:
             stack.stop()
     finally:
         os.unlink(f.name)
+
+
+def start_proxy(
+    upstream_url: str,
+    config_path: Path,
+    port: int,
+    env: Mapping[str, str],
+    log: Path | None = None,
+    cwd: Path | None = None,
+    preexec_fn: Any = None,
+    log_level: str = "info",
+) -> subprocess.Popen[bytes]:
+    """`vllm-guard proxy` in front of an engine already running at `upstream_url`, as a
+    child process with `env` added to this one's (keys), its output in `log`."""
+    cmd = [
+        sys.executable, "-m", "vllm_guard", "--log-level", log_level, "proxy",
+        "--upstream", upstream_url, "--config", str(config_path), "--port", str(port),
+    ]  # fmt: skip
+    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            cmd,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            preexec_fn=preexec_fn,
+        )
+    finally:
+        if log is not None:
+            out.close()  # type: ignore[union-attr]
+
+
+def wait_healthy(
+    url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60, log: Path | None = None
+) -> None:
+    """Until `GET url/health` answers 200; raises if `proc` exits or time runs out (with the
+    end of `log`, when given)."""
+    deadline = time.monotonic() + timeout_s
+
+    def tail() -> str:
+        return log.read_text()[-3000:] if log is not None and log.exists() else ""
+
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the process exited ({proc.returncode}):\n{tail()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} not healthy after {timeout_s:.0f} s:\n{tail()}")
+        time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
