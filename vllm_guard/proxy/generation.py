@@ -170,7 +170,8 @@ class Generation:
             await _too_many_sequences(request, req.priority_class, max_seqs).send(send)
             return False
         req.parsed = request
-        req.usage = RequestUsage(asked_for_usage(payload), req.usage.arrived)
+        # `arrived`: the guard has the whole request now (latency and quota-ms count from here).
+        req.usage = RequestUsage(asked_for_usage(payload), self.clock.now())
         req.quota = self.quota_gates.get(req.tenant.name)
         counts_tokens = req.quota is not None and req.quota.quota.limits.counts_tokens
         if counts_tokens and request.stream and not req.usage.wants_usage:
