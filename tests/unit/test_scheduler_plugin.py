@@ -101,6 +101,23 @@ def step(scheduler: Scheduler) -> set[str]:
     return set(ids)
 
 
+def add(scheduler: Scheduler, requests: list[Request], steps: int = 0) -> list[Request]:
+    """Add the requests, then run `steps` steps."""
+    for r in requests:
+        scheduler.add_request(r)
+    for _ in range(steps):
+        step(scheduler)
+    return requests
+
+
+def drain(scheduler: Scheduler, max_steps: int = 2000) -> None:
+    """Steps until every request has finished (or max_steps ran)."""
+    for _ in range(max_steps):
+        if not scheduler.has_requests():
+            return
+        step(scheduler)
+
+
 @pytest.fixture(autouse=True)
 def policy(monkeypatch):
     monkeypatch.setenv(POLICY_ENV, PreemptionPolicy(0, 4, 3).to_env())
@@ -110,12 +127,8 @@ def test_vllm_alone_never_makes_room_for_a_waiting_urgent_request():
     """The gap the plugin closes, on vLLM's own scheduler: slots full of batch, an urgent
     request waits until one finishes."""
     sched = build(Scheduler)
-    batch = [request(10) for _ in range(4)]
-    for r in batch:
-        sched.add_request(r)
-    step(sched)
-    urgent = request(0)
-    sched.add_request(urgent)
+    add(sched, [request(10) for _ in range(4)], steps=1)
+    (urgent,) = add(sched, [request(0)])
     for _ in range(5):
         assert urgent.request_id not in step(sched)
     assert urgent.status == RequestStatus.WAITING
@@ -124,21 +137,13 @@ def test_vllm_alone_never_makes_room_for_a_waiting_urgent_request():
 @pytest.mark.parametrize("cls", [GuardScheduler, GuardAsyncScheduler])
 def test_an_urgent_request_runs_in_the_next_step_and_its_victim_resumes(cls):
     sched = build(cls, async_scheduling=cls is GuardAsyncScheduler)
-    batch = [request(10, max_tokens=20) for _ in range(4)]
-    for r in batch:
-        sched.add_request(r)
-    for _ in range(3):
-        step(sched)
-    urgent = request(0, max_tokens=3)
-    sched.add_request(urgent)
+    batch = add(sched, [request(10, max_tokens=20) for _ in range(4)], steps=3)
+    (urgent,) = add(sched, [request(0, max_tokens=3)])
     assert urgent.request_id in step(sched)  # scheduled in the very next step
     preempted = [r for r in batch if r.num_preemptions == 1]
     assert len(preempted) == 1
     assert all(r.priority == 10 for r in preempted)
-    for _ in range(200):
-        if not sched.has_requests():
-            break
-        step(sched)
+    drain(sched, 200)
     assert not sched.has_requests()  # everyone finished, the victim too
     assert all(r.status == RequestStatus.FINISHED_LENGTH_CAPPED for r in [*batch, urgent])
     pool = sched.kv_cache_manager.block_pool
@@ -147,14 +152,8 @@ def test_an_urgent_request_runs_in_the_next_step_and_its_victim_resumes(cls):
 
 def test_urgent_requests_are_never_preempted_for_each_other():
     sched = build(GuardScheduler)
-    urgent = [request(0) for _ in range(4)]
-    for r in urgent:
-        sched.add_request(r)
-    step(sched)
-    late = request(0)
-    sched.add_request(late)
-    for _ in range(3):
-        step(sched)
+    urgent = add(sched, [request(0) for _ in range(4)], steps=1)
+    add(sched, [request(0)], steps=3)
     assert all(r.num_preemptions == 0 for r in urgent)
 
 
@@ -186,13 +185,8 @@ def test_any_interleaving_finishes_everyone_and_leaks_no_block(arrivals):
     for wait, priority, prompt, max_tokens in arrivals:
         for _ in range(wait):
             step(sched)
-        r = request(priority, prompt, max_tokens)
-        requests.append(r)
-        sched.add_request(r)
-    for _ in range(2000):
-        if not sched.has_requests():
-            break
-        step(sched)
+        requests += add(sched, [request(priority, prompt, max_tokens)])
+    drain(sched)
     assert not sched.has_requests()
     event(f"plugin preemptions: {min(sched.guard_preemptions, 3)}+")
     assert all(r.status == RequestStatus.FINISHED_LENGTH_CAPPED for r in requests)
