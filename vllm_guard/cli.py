@@ -225,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"engine: max_num_seqs={config.max_num_seqs} queue_ahead={eng.queue_ahead} "
             f"kv_admission={eng.kv_admission} "
-            f"kv_watermark={eng.kv_watermark:g} on_stale={eng.on_stale}"
+            f"kv_watermark={eng.kv_watermark:g} on_stale={eng.on_stale} "
+            f"scheduler={eng.scheduler}"
         )
         for c in config.classes:
             print(
@@ -251,9 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         VllmSupervisor,
         default_engine_nice,
         free_port,
+        guard_scheduler_cls,
         vllm_command,
         vllm_env,
     )
+    from vllm_guard.engine.preemption import POLICY_ENV, PreemptionPolicy
     from vllm_guard.engine.state import EngineState
 
     tiny = args.model == "tiny"
@@ -263,16 +266,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         model = str(ensure_tiny_model())
     port = args.vllm_port or free_port()
+    eng = config.engine
+    plugin = guard_scheduler_cls() if eng.scheduler == "guard" else None
     try:
-        cmd = vllm_command(model, port, config.max_num_seqs, extra, tiny=tiny)
+        cmd = vllm_command(model, port, config.max_num_seqs, extra, tiny, plugin)
     except ValueError as exc:
         print(f"vllm-guard: {exc}", file=sys.stderr)
         return 2
+    env = vllm_env(os.environ, tiny)
+    if plugin is not None:  # the scheduler is built in vLLM's engine process: tell it there
+        env[POLICY_ENV] = PreemptionPolicy(
+            urgent_max_priority=config.classes[0].vllm_priority,
+            max_preemptions_per_step=eng.max_preemptions_per_step,
+            max_preemptions_per_request=eng.max_preemptions_per_request,
+        ).to_env()
     engine = EngineState()
     nice = default_engine_nice() if args.engine_nice is None else args.engine_nice
-    supervisor = VllmSupervisor(
-        cmd, vllm_env(os.environ, tiny), port, engine, args.vllm_log, nice=nice
-    )
+    supervisor = VllmSupervisor(cmd, env, port, engine, args.vllm_log, nice=nice)
     return server.run(
         lambda: server.serve_with_vllm(config, supervisor, engine, args.host, args.port)
     )

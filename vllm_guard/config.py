@@ -45,6 +45,16 @@ class EngineConfig(BaseModel):
     in the engine's next step instead of after a round trip through the guard and vLLM's
     request preprocessing. Less urgent classes never get these, since vLLM would hand a
     freed reserved slot to whatever waits in it. 0: never more than S requests in vLLM."""
+    scheduler: Literal["vllm", "guard"] = "vllm"
+    """`serve` only. `vllm`: vLLM's own scheduler. `guard`: vllm-guard's scheduler plugin
+    (`vllm_guard.engine.scheduler`, vLLM 0.32 only): when requests of the most urgent class
+    wait, the engine preempts running sequences of less urgent classes to run them in the
+    same step. The guard's admission is unchanged for now (reserved slots still apply)."""
+    max_preemptions_per_step: Annotated[int, Field(ge=1, le=1024)] = 4
+    """`scheduler: guard`: sequences the plugin may preempt in one engine step."""
+    max_preemptions_per_request: Annotated[int, Field(ge=0, le=1000)] = 3
+    """`scheduler: guard`: a sequence preempted this often is not chosen again, so less
+    urgent work always finishes."""
     kv_admission: bool = True
     """Admit by KV-cache headroom as well as by slots (capacity read from the engine's
     /metrics, or `kv_capacity_tokens`). Each request reserves its prompt + completion

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from vllm_guard.engine.launcher import child_setup, vllm_command
+from tests.conftest import BASE_CONFIG, KEYS
+from vllm_guard.config import parse_config
+from vllm_guard.engine.launcher import child_setup, guard_scheduler_cls, vllm_command
 
 AUTOGROUP = Path("/proc/self/autogroup")
 
@@ -56,3 +58,27 @@ def test_owned_vllm_arguments_are_refused_after_the_separator():
     assert cmd[cmd.index("--scheduling-policy") + 1] == "priority"
     assert cmd[cmd.index("--max-num-seqs") + 1] == "4"
     assert cmd[-1] == "--enforce-eager"
+
+
+def test_the_scheduler_plugin_is_passed_only_by_the_config():
+    plugin = "vllm_guard.engine.scheduler.GuardScheduler"
+    cmd = vllm_command("m", 1234, 4, ["--enforce-eager"], scheduler_cls=plugin)
+    assert cmd[cmd.index("--scheduler-cls") + 1] == plugin
+    assert "--scheduler-cls" not in vllm_command("m", 1234, 4, [])
+    with pytest.raises(ValueError, match=r"engine\.scheduler"):
+        vllm_command("m", 1, 4, ["--scheduler-cls", "x.Y"])
+    # The CPU build turns vLLM's async scheduling off: the plain Scheduler's subclass.
+    assert guard_scheduler_cls().endswith(".GuardScheduler")
+
+
+def test_the_plugin_policy_comes_from_the_config():
+    config = parse_config(
+        BASE_CONFIG.replace(
+            "engine: {", "engine: {scheduler: guard, max_preemptions_per_request: 5, "
+        ),
+        "t.yaml",
+        KEYS,
+    )
+    assert config.engine.scheduler == "guard"
+    assert config.engine.max_preemptions_per_request == 5
+    assert config.engine.max_preemptions_per_step == 4

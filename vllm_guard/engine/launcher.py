@@ -39,7 +39,9 @@ from vllm_guard.engine.state import EngineState
 log = logging.getLogger("vllm_guard.engine.launcher")
 
 # Arguments the launcher owns: passing them after `--` would break the guard's accounting.
-_OWNED_ARGS = ("--model", "--host", "--port", "--max-num-seqs", "--scheduling-policy")
+_OWNED_ARGS = (
+    "--model", "--host", "--port", "--max-num-seqs", "--scheduling-policy", "--scheduler-cls",
+)  # fmt: skip
 _STOP_GRACE_S = 15.0
 _BACKOFF_MAX_S = 30.0
 _STABLE_AFTER_S = 60.0  # a child up this long resets the restart backoff
@@ -64,14 +66,21 @@ def is_cpu_build() -> bool:
 
 
 def vllm_command(
-    model: str, port: int, max_num_seqs: int, extra_args: Sequence[str], tiny: bool = False
+    model: str,
+    port: int,
+    max_num_seqs: int,
+    extra_args: Sequence[str],
+    tiny: bool = False,
+    scheduler_cls: str | None = None,
 ) -> list[str]:
+    """vLLM's API server command line; `scheduler_cls`: a `--scheduler-cls` to load
+    (engine.scheduler: guard)."""
     for arg in extra_args:
         name = arg.split("=", 1)[0]
         if name in _OWNED_ARGS:
             raise ValueError(
                 f"{name} is set by vllm-guard (use --model, --vllm-port, and engine.max_num_seqs "
-                "in the config); remove it from the arguments after --"
+                "or engine.scheduler in the config); remove it from the arguments after --"
             )
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -81,6 +90,8 @@ def vllm_command(
         "--max-num-seqs", str(max_num_seqs),
         "--scheduling-policy", "priority",
     ]  # fmt: skip
+    if scheduler_cls is not None:
+        cmd += ["--scheduler-cls", scheduler_cls]
     if tiny:
         from vllm_guard.engine.tiny_model import MAX_MODEL_LEN, SERVED_NAME
 
@@ -106,6 +117,12 @@ def vllm_env(base: Mapping[str, str], tiny: bool) -> dict[str, str]:
     if tiny:
         env.setdefault("HF_HUB_OFFLINE", "1")
     return env
+
+
+def guard_scheduler_cls() -> str:
+    """The plugin class for this host: vLLM's CPU build turns async scheduling off."""
+    name = "GuardScheduler" if is_cpu_build() else "GuardAsyncScheduler"
+    return f"vllm_guard.engine.scheduler.{name}"
 
 
 def default_engine_nice() -> int:
