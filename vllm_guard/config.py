@@ -128,7 +128,8 @@ class LimitsConfig(BaseModel):
 
     requests_per_minute: Annotated[float, Field(gt=0, strict=False)] | None = None
     tokens_per_minute: Annotated[float, Field(gt=0, strict=False)] | None = None
-    """Prompt plus completion tokens, charged up front (see quota.py) and settled with usage."""
+    """Prompt plus completion tokens, charged up front (see core/quota.py) and settled with
+    usage."""
     tokens_per_day: Annotated[float, Field(gt=0, strict=False)] | None = None
     max_concurrent: Annotated[int, Field(ge=1)] | None = None
     """Requests of the tenant admitted at once (queued in the guard or running in vLLM)."""

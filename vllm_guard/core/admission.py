@@ -28,8 +28,8 @@ flight a ticket is admitted whatever its size, so an oversized request cannot wa
 forever. A queue head that does not fit blocks its class and those below (no
 overtaking), as for slots.
 
-The asyncio side (`gate.py`) turns the returned tickets into woken futures and arms one
-timer per queue at `next_deadline()`.
+The asyncio side (`proxy/admission_gate.py`) turns the returned tickets into woken futures
+and arms one timer per queue at `next_deadline()`.
 """
 
 from __future__ import annotations

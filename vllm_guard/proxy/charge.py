@@ -78,13 +78,11 @@ class QuotaCharge:
             exact = None if counting is None else await self.upstream.tokenize(counting)
             est = estimate(path, payload, priority_class.default_max_tokens, exact)
         except BaseException:  # the client left while its prompt was counted
-            quota.quota.settle(held, 0, clock.now(), sent=False)
-            quota.settled()
+            quota.settle(held, 0, sent=False)
             raise
         extra = est.total - held.tokens
         if extra > 0 and not quota.quota.top_up(held, extra, clock.now()):
-            quota.quota.settle(held, 0, clock.now(), sent=False)
-            quota.settled()
+            quota.settle(held, 0, sent=False)
             waited_s = clock.now() - started
             wait_s = max(0.0, max_wait_s - waited_s)
             held = await quota.reserve(est.total, wait_s, priority_class.max_queue)

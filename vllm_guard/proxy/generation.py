@@ -1,4 +1,4 @@
-"""A guarded generation request, top-down (see DESIGN.md):
+"""A guarded generation request, top-down (see docs/DESIGN.md):
 
 auth -> class -> engine up? -> body (size, JSON, fields, as vLLM reads them) -> tenant quota
 (the cheap dimensions, then the counted prompt; 429 or wait) -> KV size -> admission (the
@@ -260,8 +260,7 @@ class Generation:
         quota, reservation = req.quota, req.reservation
         if reservation is not None and quota is not None:
             used = usage.used_tokens(req.est, req.parsed.stream)
-            quota.quota.settle(reservation, used, now, sent=usage.sent)
-            quota.settled()
+            quota.settle(reservation, used, sent=usage.sent)
             self.metrics.tokens(req.tenant.name, reservation.tokens, used if usage.sent else 0)
 
     async def _kv_tokens(self, req: Request, completion: int) -> int:

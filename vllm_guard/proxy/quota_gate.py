@@ -100,8 +100,7 @@ class QuotaGate:
             elif future.done():  # granted in the same loop turn as the cancel: give it back
                 granted = future.result()
                 if isinstance(granted, Reservation):
-                    self.quota.settle(granted, 0, self._clock.now(), sent=False)
-                    self._wake()
+                    self.settle(granted, 0, sent=False)
             raise
 
     def _head_denial(self, now: float) -> Denied:
@@ -113,8 +112,10 @@ class QuotaGate:
                     return denied
         return Denied(CONCURRENCY, self.quota.limits.max_concurrent or 0, 0.0)
 
-    def settled(self) -> None:
-        """Call after settling one of this tenant's requests: a refund may let waiters in."""
+    def settle(self, reservation: Reservation, used_tokens: int, sent: bool = True) -> None:
+        """End one of this tenant's requests on its quota now (see `QuotaStore.settle`;
+        `sent=False` gives a hold back whole) and let in the waiters a refund admits."""
+        self.quota.settle(reservation, used_tokens, self._clock.now(), sent=sent)
         if self._waiters:
             self._wake()
 

@@ -77,11 +77,6 @@ class Response:
         """The engine sent the whole response (the guard may not have read all of it)."""
         return self._conn.complete
 
-    @property
-    def read_to_end(self) -> bool:
-        """Every byte of the body was handed out through `read` or `chunks`."""
-        return self._conn.read_to_end
-
     async def read(self) -> bytes:
         parts = [chunk async for chunk in self.chunks()]
         return parts[0] if len(parts) == 1 else b"".join(parts)
