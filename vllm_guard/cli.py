@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from vllm_guard import __version__
-from vllm_guard.config import ConfigError, load_config
+from vllm_guard.config import CompiledConfig, ConfigError, load_config
 from vllm_guard.core.classes import Tenant
+
+log = logging.getLogger("vllm_guard.cli")
 
 _CONFIG_HELP = (
     "limits file (YAML); default: the embedded one (classes interactive and batch, tenants "
@@ -234,7 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"max_queue={c.max_queue} max_wait_s={c.max_wait_s:g} "
                 f"queueing={'fair' if c.fair_queueing else 'fifo'} "
                 f"on_limit={'wait' if c.wait_on_limit else 'reject'} "
-                f"kv_fraction={c.kv_fraction:g}"
+                f"kv_fraction={c.kv_fraction:g} "
+                f"kv_reserve={'worst_case' if c.kv_worst_case else 'prompt'}"
+                + (" engine_makes_room" if c.engine_makes_room else "")
             )
         for t in config.tenants.values():
             print(
@@ -252,10 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         VllmSupervisor,
         default_engine_nice,
         free_port,
-        guard_scheduler_cls,
         vllm_command,
         vllm_env,
     )
+    from vllm_guard.engine.plugin import METRICS_ENV, installed_vllm_version
     from vllm_guard.engine.preemption import POLICY_ENV, PreemptionPolicy
     from vllm_guard.engine.state import EngineState
 
@@ -266,26 +272,59 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         model = str(ensure_tiny_model())
     port = args.vllm_port or free_port()
+    config, plugin = scheduler_plugin(config, installed_vllm_version())
     eng = config.engine
-    plugin = guard_scheduler_cls() if eng.scheduler == "guard" else None
     try:
         cmd = vllm_command(model, port, config.max_num_seqs, extra, tiny, plugin)
     except ValueError as exc:
         print(f"vllm-guard: {exc}", file=sys.stderr)
         return 2
     env = vllm_env(os.environ, tiny)
+    plugin_dir = plugin_metrics = None
     if plugin is not None:  # the scheduler is built in vLLM's engine process: tell it there
         env[POLICY_ENV] = PreemptionPolicy(
             urgent_max_priority=config.classes[0].vllm_priority,
             max_preemptions_per_step=eng.max_preemptions_per_step,
             max_preemptions_per_request=eng.max_preemptions_per_request,
+            class_names={str(c.vllm_priority): c.name for c in config.classes},
         ).to_env()
+        plugin_dir = Path(tempfile.mkdtemp(prefix="vllm-guard-"))  # mode 0700
+        plugin_metrics = plugin_dir / "scheduler.prom"
+        env[METRICS_ENV] = str(plugin_metrics)
     engine = EngineState()
     nice = default_engine_nice() if args.engine_nice is None else args.engine_nice
     supervisor = VllmSupervisor(cmd, env, port, engine, args.vllm_log, nice=nice)
-    return server.run(
-        lambda: server.serve_with_vllm(config, supervisor, engine, args.host, args.port)
+    try:
+        return server.run(
+            lambda: server.serve_with_vllm(
+                config, supervisor, engine, args.host, args.port, plugin_metrics
+            )
+        )
+    finally:
+        if plugin_dir is not None:
+            shutil.rmtree(plugin_dir, ignore_errors=True)
+
+
+def scheduler_plugin(
+    config: CompiledConfig, vllm_version: str | None
+) -> tuple[CompiledConfig, str | None]:
+    """`serve`'s choice for `engine.scheduler: guard`: the config to run and the
+    `--scheduler-cls` for vLLM, or the same file with reservations (scheduler `vllm`) and no
+    plugin where it cannot run on this vLLM, saying why in the log."""
+    from vllm_guard.engine.launcher import guard_scheduler_cls
+    from vllm_guard.engine.plugin import refusal
+
+    if config.engine.scheduler != "guard":
+        return config, None
+    reason = refusal(vllm_version)
+    if reason is None:
+        return config, guard_scheduler_cls()
+    log.warning(
+        "engine.scheduler: guard: %s; falling back to vLLM's own scheduler, with the classes' "
+        "reserved_seqs/reserved_kv and worst-case KV reservations",
+        reason,
     )
+    return config.with_scheduler("vllm", os.environ), None
 
 
 def _limits_text(tenant: Tenant) -> str:

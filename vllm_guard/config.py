@@ -46,10 +46,18 @@ class EngineConfig(BaseModel):
     request preprocessing. Less urgent classes never get these, since vLLM would hand a
     freed reserved slot to whatever waits in it. 0: never more than S requests in vLLM."""
     scheduler: Literal["vllm", "guard"] = "vllm"
-    """`serve` only. `vllm`: vLLM's own scheduler. `guard`: vllm-guard's scheduler plugin
-    (`vllm_guard.engine.scheduler`, vLLM 0.32 only): when requests of the most urgent class
-    wait, the engine preempts running sequences of less urgent classes to run them in the
-    same step. The guard's admission is unchanged for now (reserved slots still apply)."""
+    """`vllm`: vLLM's own scheduler; classes' `reserved_seqs`/`reserved_kv` keep room for
+    the urgent ones, and every request reserves its worst-case KV. `guard`: vllm-guard's
+    scheduler plugin (`vllm_guard.engine.scheduler`, vLLM 0.32): when requests of the most
+    urgent class wait, the engine preempts running sequences of less urgent classes to run
+    them in the same step, so no slot or KV share is reserved (every class may fill the
+    engine and queue `queue_ahead` more inside vLLM) and preemptible classes reserve only
+    their prompts' KV. `serve` loads the plugin (or falls back to `vllm`, with the
+    reservations, where it cannot); in proxy mode it says the upstream runs it."""
+    scheduler_metrics_file: str | None = None
+    """Proxy mode with the plugin: the file the upstream's plugin writes its metrics to (the
+    `VLLM_GUARD_SCHEDULER_METRICS` vLLM was started with, on the same host), shown on the
+    guard's /metrics. `serve` sets this up itself."""
     max_preemptions_per_step: Annotated[int, Field(ge=1, le=1024)] = 4
     """`scheduler: guard`: sequences the plugin may preempt in one engine step."""
     max_preemptions_per_request: Annotated[int, Field(ge=0, le=1000)] = 3
@@ -262,6 +270,17 @@ class CompiledConfig:
     """SHA-256 digest of an API key -> its tenant."""
     anonymous: Tenant | None
     upstream_api_key: str | None
+    spec: GuardConfig
+    """The validated file this was compiled from."""
+
+    def with_scheduler(
+        self, scheduler: Literal["vllm", "guard"], env: Mapping[str, str]
+    ) -> CompiledConfig:
+        """The same file compiled for another `engine.scheduler` (`serve` falls back to
+        `vllm`, reserved slots and worst-case KV, when the plugin cannot run)."""
+        engine = self.spec.engine.model_copy(update={"scheduler": scheduler})
+        spec = self.spec.model_copy(update={"engine": engine})
+        return compile_config(spec, self.source, env)
 
 
 def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> CompiledConfig:
@@ -269,21 +288,28 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
     classes: list[PriorityClass] = []
     reserved_above = 0
     kv_reserved_above = 0.0
+    eng = cfg.engine
+    # With the scheduler plugin the engine preempts less urgent work for the most urgent
+    # class, so no slot or KV share is held back for it: every class may fill the engine
+    # and queue `queue_ahead` more inside vLLM. Without it, reservations do the job.
+    plugin = eng.scheduler == "guard"
     for rank, (name, c) in enumerate(ordered):
         classes.append(
             PriorityClass(
                 name=name,
                 rank=rank,
                 vllm_priority=c.vllm_priority,
-                slot_limit=cfg.engine.max_num_seqs
-                + (cfg.engine.queue_ahead if rank == 0 else -reserved_above),
+                slot_limit=eng.max_num_seqs
+                + (eng.queue_ahead if rank == 0 or plugin else -reserved_above),
                 max_queue=c.max_queue,
                 max_wait_s=c.max_wait_s,
                 header_value=name.encode(),
                 default_max_tokens=c.default_max_tokens,
                 wait_on_limit=(c.on_limit or ("reject" if rank == 0 else "wait")) == "wait",
                 fair_queueing=c.queueing == "fair",
-                kv_fraction=cfg.engine.kv_watermark - kv_reserved_above,
+                kv_fraction=eng.kv_watermark - (0.0 if plugin else kv_reserved_above),
+                engine_makes_room=plugin and rank == 0,
+                kv_worst_case=not plugin or rank == 0,
             )
         )
         reserved_above += c.reserved_seqs
@@ -322,6 +348,7 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
         key_digests=digests,
         anonymous=anon,
         upstream_api_key=upstream_key,
+        spec=cfg,
     )
 
 

@@ -139,18 +139,24 @@ ops = st.lists(
 )
 
 
-@pytest.mark.parametrize("queue_ahead", [0, 2])
+@pytest.mark.parametrize(("queue_ahead", "scheduler"), [(0, "vllm"), (2, "vllm"), (2, "guard")])
 @settings(max_examples=300, deadline=None)
 @given(seq=ops)
-def test_invariants_under_any_interleaving(queue_ahead, seq):
+def test_invariants_under_any_interleaving(queue_ahead, scheduler, seq):
     """Slots never exceed their class limits, strict priority holds, nothing is lost:
     every ticket ends admitted, expired, refused or cancelled, and in-flight returns to 0.
     With queue_ahead q, up to q more interactive requests (never batch) may be in vLLM.
-    A request of several sequences holds a slot for each."""
+    A request of several sequences holds a slot for each. With the scheduler plugin batch
+    may fill S + q, and interactive requests count only themselves against S + q."""
     config = parse_config(
-        BASE_CONFIG.replace("queue_ahead: 0", f"queue_ahead: {queue_ahead}"), "t.yaml", KEYS
+        BASE_CONFIG.replace(
+            "queue_ahead: 0", f"queue_ahead: {queue_ahead}, scheduler: {scheduler}"
+        ),
+        "t.yaml",
+        KEYS,
     )
     adm, inter, batch = _setup(config)
+    plugin = scheduler == "guard"
     most = config.max_num_seqs + queue_ahead
     now = 0.0
     admitted, waiting, all_tickets = [], [], []
@@ -174,14 +180,20 @@ def test_invariants_under_any_interleaving(queue_ahead, seq):
             admitted += adm.dispatch()
         waiting = [t for t in waiting if t.state is TicketState.WAITING]
         stats = {s.name: s for s in adm.statistics()}
-        assert adm.in_flight == sum(t.seqs for t in admitted) <= most
-        assert stats["batch"].in_flight <= batch.slot_limit == config.max_num_seqs - 1
+        assert adm.in_flight == sum(t.seqs for t in admitted) <= (2 * most if plugin else most)
+        assert stats["interactive"].in_flight <= most
+        if plugin:  # batch counts everything in vLLM, interactive only itself
+            assert batch.slot_limit == most
+            assert sum(t.seqs for t in admitted if t.priority_class is batch) <= most
+        else:
+            assert stats["batch"].in_flight <= batch.slot_limit == config.max_num_seqs - 1
         assert stats["interactive"].queued + stats["batch"].queued == len(waiting)
         # Strict priority: a batch request is never admitted while interactive ones wait
         # and the engine has free slots for the first of them.
         head = adm._by_rank[0].head()
         if head is not None:
-            assert adm.in_flight + head.seqs > most
+            counted = stats["interactive"].in_flight if plugin else adm.in_flight
+            assert counted + head.seqs > most
     while admitted:  # releasing admits the waiters, which are then released in turn
         admitted += adm.release(admitted.pop(0), now)
     assert adm.in_flight == 0
@@ -332,3 +344,56 @@ def test_unknown_capacity_means_slots_alone_decide():
     assert adm.kv_headroom(batch) == float("inf")
     adm.engine_update(10**7, 50, False)  # a capacity arrives; the reading now counts
     assert adm.kv.capacity == 50
+
+
+# -- with the scheduler plugin (engine.scheduler: guard) -------------------------------
+
+PLUGIN_CONFIG = KV_CONFIG.replace("queue_ahead: 0", "queue_ahead: 2, scheduler: guard")
+
+
+def test_with_the_plugin_batch_fills_every_slot_and_interactive_still_gets_in():
+    config = parse_config(PLUGIN_CONFIG, "test.yaml", KEYS)
+    adm, inter, batch = _setup(config)
+    # No reserved slot, and batch too may queue queue_ahead requests inside vLLM.
+    assert (inter.slot_limit, batch.slot_limit) == (6, 6)
+    assert (inter.engine_makes_room, batch.engine_makes_room) == (True, False)
+    held = [adm.enter(batch, 0.0)[1] for _ in range(6)]
+    assert all(t.state is TicketState.ADMITTED for t in held)
+    queued_batch = adm.enter(batch, 0.0)[1]
+    assert queued_batch.state is TicketState.WAITING
+    # Every slot is batch's, yet interactive requests are admitted: the engine preempts
+    # batch for them. They count only themselves against their limit of 6.
+    urgent = [adm.enter(inter, 0.0)[1] for _ in range(6)]
+    assert all(t.state is TicketState.ADMITTED for t in urgent)
+    decision, queued_inter = adm.enter(inter, 0.0)
+    assert decision is Decision.QUEUED
+    assert adm.release(urgent.pop(), 1.0) == [queued_inter]
+    # Batch waits until everything in vLLM, interactive included, is below 6 again.
+    for t in [*urgent, queued_inter]:
+        adm.release(t, 1.0)
+    assert queued_batch.state is TicketState.WAITING
+    assert adm.release(held[0], 1.0) == [queued_batch]
+
+
+def test_with_the_plugin_no_kv_share_is_held_back_and_interactive_counts_its_own():
+    config = parse_config(PLUGIN_CONFIG, "test.yaml", KEYS)
+    inter, batch = config.classes
+    assert (inter.kv_fraction, batch.kv_fraction) == (0.8, 0.8)  # reserved_kv not applied
+    assert (inter.kv_worst_case, batch.kv_worst_case) == (True, False)
+    adm = Admission(config.max_num_seqs, config.classes, kv_capacity=1000)
+    assert adm.enter(batch, 0.0, kv=700)[1].state is TicketState.ADMITTED
+    adm.engine_update(790, None, False)  # batch's decodes grew into the cache
+    assert adm.enter(batch, 0.0, kv=20)[0] is Decision.QUEUED  # 790 + 20 > 800
+    assert adm.kv_headroom(inter) == 800  # batch's use does not count for interactive
+    assert adm.enter(inter, 0.0, kv=500)[0] is Decision.ADMITTED
+    assert adm.enter(inter, 0.0, kv=400)[0] is Decision.QUEUED  # 500 + 400 > 800 of its own
+
+
+def test_without_the_plugin_the_same_file_keeps_its_reservations():
+    config = parse_config(PLUGIN_CONFIG, "test.yaml", KEYS)
+    fallback = config.with_scheduler("vllm", KEYS)
+    inter, batch = fallback.classes
+    assert fallback.engine.scheduler == "vllm"
+    assert (inter.slot_limit, batch.slot_limit) == (6, 3)
+    assert (inter.kv_fraction, batch.kv_fraction) == (0.8, pytest.approx(0.6))
+    assert (inter.engine_makes_room, batch.kv_worst_case) == (False, True)

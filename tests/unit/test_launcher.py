@@ -82,3 +82,25 @@ def test_the_plugin_policy_comes_from_the_config():
     assert config.engine.scheduler == "guard"
     assert config.engine.max_preemptions_per_request == 5
     assert config.engine.max_preemptions_per_step == 4
+
+
+def test_serve_falls_back_to_reserved_slots_where_the_plugin_cannot_run(caplog, monkeypatch):
+    from vllm_guard.cli import scheduler_plugin
+
+    for var, key in KEYS.items():  # serve's environment, where the keys come from
+        monkeypatch.setenv(var, key)
+
+    config = parse_config(
+        BASE_CONFIG.replace("engine: {", "engine: {scheduler: guard, "), "t.yaml", KEYS
+    )
+    same, plugin = scheduler_plugin(config, "0.32.0")
+    assert same is config
+    assert plugin == guard_scheduler_cls()
+    assert [c.slot_limit for c in config.classes] == [4, 4]  # no reserved slot
+
+    fallback, plugin = scheduler_plugin(config, "0.33.1")
+    assert plugin is None
+    assert fallback.engine.scheduler == "vllm"
+    assert [c.slot_limit for c in fallback.classes] == [4, 3]  # reserved_seqs: 1 applies
+    assert "refuses to run on vLLM 0.33.1" in caplog.text
+    assert "falling back to vLLM's own scheduler" in caplog.text

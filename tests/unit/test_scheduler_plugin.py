@@ -23,6 +23,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
+from vllm_guard.engine.plugin import METRICS_ENV
 from vllm_guard.engine.preemption import POLICY_ENV, PreemptionPolicy
 from vllm_guard.engine.scheduler import (
     GuardAsyncScheduler,
@@ -120,7 +121,22 @@ def drain(scheduler: Scheduler, max_steps: int = 2000) -> None:
 
 @pytest.fixture(autouse=True)
 def policy(monkeypatch):
-    monkeypatch.setenv(POLICY_ENV, PreemptionPolicy(0, 4, 3).to_env())
+    monkeypatch.setenv(
+        POLICY_ENV, PreemptionPolicy(0, 4, 3, {"0": "interactive", "10": "batch"}).to_env()
+    )
+    monkeypatch.delenv(METRICS_ENV, raising=False)
+
+
+def metrics(path) -> dict[str, float]:
+    """The plugin's metrics file as {'name{labels}': value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(path.read_text()):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}"] = sample.value
+    return out
 
 
 def test_vllm_alone_never_makes_room_for_a_waiting_urgent_request():
@@ -155,6 +171,47 @@ def test_urgent_requests_are_never_preempted_for_each_other():
     urgent = add(sched, [request(0) for _ in range(4)], steps=1)
     add(sched, [request(0)], steps=3)
     assert all(r.num_preemptions == 0 for r in urgent)
+
+
+def test_an_urgent_request_short_of_kv_blocks_gets_them_from_batch():
+    """Slots are free but the cache is full of batch decodes: the plugin preempts batch for
+    the urgent request's blocks, which vLLM alone would leave waiting for blocks."""
+    sched = build(GuardScheduler, max_num_seqs=8, num_blocks=13)  # 12 usable
+    batch = add(sched, [request(10, prompt_tokens=40, max_tokens=60) for _ in range(4)], 2)
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 0  # 4 x 3 blocks
+    (urgent,) = add(sched, [request(0, prompt_tokens=30, max_tokens=4)])
+    assert urgent.request_id in step(sched)
+    assert sum(r.num_preemptions for r in batch) >= 1
+    drain(sched)
+    assert not sched.has_requests()
+    pool = sched.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+
+
+def test_the_plugin_counts_preemptions_recomputed_tokens_and_first_step_delays(
+    monkeypatch, tmp_path
+):
+    path = tmp_path / "scheduler.prom"
+    monkeypatch.setenv(METRICS_ENV, str(path))
+    sched = build(GuardScheduler)
+    assert path.exists()  # written at start: the guard can see the plugin runs
+    batch = add(sched, [request(10, prompt_tokens=8, max_tokens=20) for _ in range(4)], 3)
+    add(sched, [request(0, max_tokens=2)], steps=1)
+    late = add(sched, [request(10, max_tokens=2)])  # waits: every slot is taken
+    drain(sched)
+    m = metrics(path)  # flushed when the engine went idle
+    assert m["vllm_guard_engine_preemptions_total{class=batch,reason=guard}"] == 1
+    # The victim had its 8 prompt tokens and 2 or 3 decoded tokens computed.
+    victim = next(r for r in batch if r.num_preemptions)
+    assert 8 <= m["vllm_guard_engine_recomputed_tokens_total{class=batch,reason=guard}"] <= 11
+    assert victim.status == RequestStatus.FINISHED_LENGTH_CAPPED
+    # The urgent request ran in the first step after it arrived; the late batch request
+    # waited several steps for a slot.
+    assert m["vllm_guard_engine_first_step_delay_steps_bucket{class=interactive,le=0.0}"] == 1
+    assert m["vllm_guard_engine_first_step_delay_steps_count{class=batch}"] == 5
+    assert m["vllm_guard_engine_first_step_delay_steps_bucket{class=batch,le=2.0}"] == 4
+    assert late[0].status == RequestStatus.FINISHED_LENGTH_CAPPED
+    assert not sched._guard_arrivals  # nothing kept for requests that are gone
 
 
 def test_the_plugin_refuses_another_vllm_version():
@@ -192,5 +249,38 @@ def test_any_interleaving_finishes_everyone_and_leaks_no_block(arrivals):
     assert all(r.status == RequestStatus.FINISHED_LENGTH_CAPPED for r in requests)
     assert all(r.num_preemptions == 0 for r in requests if r.priority == 0)
     assert all(r.num_preemptions <= 3 for r in requests)
+    pool = sched.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrivals=st.lists(
+        st.tuples(
+            st.integers(0, 3),
+            st.sampled_from([0, 0, 10, 20]),
+            st.integers(1, 60),
+            st.integers(1, 40),
+        ),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_under_kv_pressure_everyone_finishes_and_no_block_leaks(arrivals):
+    """A cache of 10 blocks for 6 slots: vLLM preempts for KV too, interleaved with the
+    plugin's preemptions. Still everyone finishes and every block comes back, and the
+    plugin itself never preempts an urgent request."""
+    sched = build(GuardScheduler, max_num_seqs=6, num_blocks=11)
+    requests = []
+    for wait, priority, prompt, max_tokens in arrivals:
+        for _ in range(wait):
+            step(sched)
+        requests += add(sched, [request(priority, prompt, max_tokens)])
+    drain(sched, 5000)
+    assert not sched.has_requests()
+    assert all(r.status == RequestStatus.FINISHED_LENGTH_CAPPED for r in requests)
+    by_reason = sched.guard_metrics.preemptions
+    assert by_reason.labels("interactive", "guard")._value.get() == 0
+    event(f"engine preemptions: {min(by_reason.labels('batch', 'engine')._value.get(), 3)}+")
     pool = sched.kv_cache_manager.block_pool
     assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1

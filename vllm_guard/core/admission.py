@@ -28,6 +28,12 @@ flight a ticket is admitted whatever its size, so an oversized request cannot wa
 forever. A queue head that does not fit blocks its class and those below (no
 overtaking), as for slots.
 
+With the scheduler plugin (`engine.scheduler: guard`) the engine itself preempts less
+urgent work for the most urgent class (`PriorityClass.engine_makes_room`), so that class
+counts only its own sequences and KV reservations against its limits, and no slot or KV
+share is reserved below it; the preemptible classes reserve only their prompts' KV
+(`kv_worst_case` off) and rely on the engine's reading for the rest.
+
 The asyncio side (`proxy/admission_gate.py`) turns the returned tickets into woken futures
 and arms one timer per queue at `next_deadline()`.
 """
@@ -108,11 +114,15 @@ class _ClassState:
     arrival order (expiry: deadlines are arrival + the class's max_wait_s). Tickets that
     left (admitted, cancelled, expired) are dropped from either lazily."""
 
-    __slots__ = ("arrivals", "finish", "heap", "in_flight", "seq", "spec", "vtime", "waiting")
+    __slots__ = (
+        "arrivals", "finish", "heap", "in_flight", "kv_reserved", "seq", "spec", "vtime",
+        "waiting",
+    )  # fmt: skip
 
     def __init__(self, spec: PriorityClass) -> None:
         self.spec = spec
         self.in_flight = 0
+        self.kv_reserved = 0
         self.waiting = 0
         self.heap: list[tuple[float, int, Ticket]] = []
         self.arrivals: deque[Ticket] = deque()
@@ -236,6 +246,7 @@ class Admission:
         ticket.state = TicketState.CANCELLED  # a released ticket can never be released again
         state.in_flight -= ticket.seqs
         self.in_flight -= ticket.seqs
+        state.kv_reserved -= ticket.kv
         self.kv.reserved -= ticket.kv
         self._observe_completion(now)
         return self.dispatch()
@@ -261,7 +272,11 @@ class Admission:
         kv = self.kv
         if kv.capacity is None:
             return float("inf")
-        return kv.capacity * priority_class.kv_fraction - kv.used()
+        if priority_class.engine_makes_room:
+            used = self._by_rank[priority_class.rank].kv_reserved
+        else:
+            used = kv.used()
+        return kv.capacity * priority_class.kv_fraction - used
 
     def retry_after_s(self, priority_class: PriorityClass) -> float:
         """A fair guess at when a refused request of this class would get in: the requests
@@ -318,12 +333,13 @@ class Admission:
 
     def _fits(self, state: _ClassState, ticket: Ticket) -> bool:
         spec = state.spec
-        if self.in_flight + ticket.seqs > spec.slot_limit:
+        # Where the engine makes room for this class, only its own sequences count.
+        in_flight = state.in_flight if spec.engine_makes_room else self.in_flight
+        if in_flight + ticket.seqs > spec.slot_limit:
             return False
-        kv = self.kv
-        if kv.hold_batch and spec.rank > 0:
+        if self.kv.hold_batch and spec.rank > 0:
             return False
-        return self.in_flight == 0 or ticket.kv <= self.kv_headroom(spec)
+        return in_flight == 0 or ticket.kv <= self.kv_headroom(spec)
 
     def _nobody_waiting_up_to(self, rank: int) -> bool:
         return all(s.queued == 0 for s in self._classes[: rank + 1])
@@ -332,6 +348,7 @@ class Admission:
         ticket.state = TicketState.ADMITTED
         state.in_flight += ticket.seqs
         self.in_flight += ticket.seqs
+        state.kv_reserved += ticket.kv
         self.kv.reserved += ticket.kv
 
     def dispatch(self) -> list[Ticket]:

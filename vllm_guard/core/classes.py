@@ -17,7 +17,8 @@ class PriorityClass:
     vllm_priority: int
     slot_limit: int
     """Requests in vLLM at once this class may add to: S minus the slots reserved by more
-    urgent classes (S + engine.queue_ahead for the most urgent class)."""
+    urgent classes (S + engine.queue_ahead for the most urgent class, and for every class
+    when the engine makes room: `engine_makes_room`)."""
     max_queue: int
     max_wait_s: float
     header_value: bytes
@@ -27,6 +28,14 @@ class PriorityClass:
     kv_fraction: float = 0.9
     """Share of the KV capacity this class may fill together with all others: the
     watermark minus the shares reserved by more urgent classes."""
+    engine_makes_room: bool = False
+    """The engine's scheduler preempts less urgent classes for this one (`engine.scheduler:
+    guard`, the most urgent class): only this class's own sequences and KV reservations
+    count against its `slot_limit` and `kv_fraction`."""
+    kv_worst_case: bool = True
+    """Each request reserves KV for its prompt and its whole completion budget. False for
+    the classes the engine may preempt (`engine.scheduler: guard`): a request reserves its
+    prompt, and vLLM preempts it if its decodes outgrow the cache."""
 
 
 @dataclass(frozen=True, slots=True)

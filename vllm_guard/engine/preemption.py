@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Protocol, TypeVar
 
 POLICY_ENV = "VLLM_GUARD_SCHEDULER_POLICY"
@@ -36,14 +36,19 @@ class PreemptionPolicy:
     """vLLM priorities at or below this are the most urgent class (the guard sends them)."""
     max_preemptions_per_step: int = 4
     max_preemptions_per_request: int = 3
+    class_names: Mapping[str, str] = field(default_factory=dict)
+    """vLLM priority (as a string) -> the guard's class name, for the plugin's metrics."""
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> PreemptionPolicy:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PreemptionPolicy:
         text = (os.environ if environ is None else environ).get(POLICY_ENV)
         return cls(**json.loads(text)) if text else cls()
+
+    def class_name(self, priority: int) -> str:
+        return self.class_names.get(str(priority)) or f"priority_{priority}"
 
 
 class Seq(Protocol):

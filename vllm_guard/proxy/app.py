@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -50,9 +51,10 @@ class GuardApp:
         engine: EngineState,
         admission: Admission | None = None,
         clock: Clock | None = None,
+        scheduler_metrics_file: Path | None = None,
     ) -> None:
         """`clock`: "now" and the waiters' timers (the event loop's unless a test injects
-        a manual one)."""
+        a manual one); `scheduler_metrics_file`: the scheduler plugin's metrics (serve)."""
         self.clock = clock or LoopClock()
         self.config = config
         self.upstream = upstream
@@ -75,7 +77,13 @@ class GuardApp:
             else "admitting on the guard's own KV accounting",
         )
         self._monitor_task: asyncio.Task[None] | None = None
-        self.metrics = GuardMetrics(config, self.admission, engine, self.monitor)
+        self.metrics = GuardMetrics(
+            config,
+            self.admission,
+            engine,
+            self.monitor,
+            scheduler_metrics_file=scheduler_metrics_file,
+        )
         # Buckets start full; the first refill (on the loop's clock) caps them at capacity.
         self.quota_gates = {
             name: QuotaGate(TenantQuota(t.limits, 0.0), self._delayed_by(name), self.clock)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -19,7 +20,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from vllm_guard.config import CompiledConfig
@@ -136,6 +138,22 @@ class _StateCollector(Collector):
             yield preemptions
 
 
+class _SchedulerPluginCollector(Collector):
+    """The scheduler plugin's metrics (`vllm_guard_engine_preemptions_total`, recomputed
+    tokens, first-step delays), which it writes to a file from vLLM's engine process: read
+    at each scrape. No file (the plugin is not running, or not yet): no series."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            text = self._path.read_text()
+        except OSError:
+            return
+        yield from text_string_to_metric_families(text)
+
+
 class GuardMetrics:
     def __init__(
         self,
@@ -144,7 +162,10 @@ class GuardMetrics:
         engine: EngineState,
         monitor: EngineMonitor,
         registry: CollectorRegistry | None = None,
+        scheduler_metrics_file: Path | None = None,
     ) -> None:
+        """`scheduler_metrics_file`: where the scheduler plugin writes its metrics, shown
+        here too (`serve` makes one per start; proxy mode: `engine.scheduler_metrics_file`)."""
         self.registry = registry or CollectorRegistry(auto_describe=True)
         requests = Counter(
             "vllm_guard_requests",
@@ -217,6 +238,9 @@ class GuardMetrics:
         self._duration = {name: duration.labels(name) for name in names}
         self._ttft = {name: ttft.labels(name) for name in names}
         self.registry.register(_StateCollector(admission, engine, monitor))
+        plugin_file = scheduler_metrics_file or config.engine.scheduler_metrics_file
+        if plugin_file is not None:
+            self.registry.register(_SchedulerPluginCollector(Path(plugin_file)))
 
     def count(self, class_name: str, outcome: Outcome) -> None:
         self.outcome[class_name, outcome].inc()

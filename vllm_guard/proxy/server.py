@@ -8,6 +8,7 @@ import logging
 import math
 import signal
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -70,10 +71,17 @@ def _signals_for_uvicorn():
 
 
 async def serve_with_vllm(
-    config: CompiledConfig, supervisor: VllmSupervisor, engine: EngineState, host: str, port: int
+    config: CompiledConfig,
+    supervisor: VllmSupervisor,
+    engine: EngineState,
+    host: str,
+    port: int,
+    scheduler_metrics_file: Path | None = None,
 ) -> int:
+    """`scheduler_metrics_file`: where vLLM runs the scheduler plugin, the file it was told
+    to write its metrics to."""
     upstream = Upstream(supervisor.base_url, config.guard, config.upstream_api_key)
-    app = GuardApp(config, upstream, engine)
+    app = GuardApp(config, upstream, engine, scheduler_metrics_file=scheduler_metrics_file)
     server = _uvicorn_server(app, host, port)
     exit_code = 0
 
@@ -87,8 +95,19 @@ async def serve_with_vllm(
             server.should_exit = True
         else:
             log.warning(
-                "vllm-guard ready on http://%s:%s (vLLM at %s)", host, port, supervisor.base_url
+                "vllm-guard ready on http://%s:%s (vLLM at %s, %s)",
+                host,
+                port,
+                supervisor.base_url,
+                "with the scheduler plugin"
+                if config.engine.scheduler == "guard"
+                else "reserved slots, vLLM's scheduler",
             )
+            if scheduler_metrics_file is not None and not scheduler_metrics_file.exists():
+                log.error(
+                    "vLLM started, but the scheduler plugin wrote no %s: is it loaded?",
+                    scheduler_metrics_file,
+                )
 
     with _signals_for_uvicorn():
         await supervisor.start()
