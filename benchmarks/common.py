@@ -49,3 +49,48 @@ def write_report(out: Path, name: str, result: dict[str, Any], markdown: str) ->
 
 
 # -- KV pressure ------------------------------------------------------------------------
+
+
+# -- three paths: vLLM alone, the guard with reserved slots, the guard with the plugin -----
+
+PATHS = ("vllm", "reserved", "plugin")
+PATH_LABELS = {
+    "vllm": "vLLM alone (priority policy)",
+    "reserved": "guard, reserved slots",
+    "plugin": "guard + scheduler plugin",
+}
+
+
+def rotations(reps: int, names: tuple[str, ...] = PATHS) -> list[list[str]]:
+    """The order of the paths in each repetition: ABC, BCA, CAB, ... (the machine drifts)."""
+    return [[*names[i % len(names) :], *names[: i % len(names)]] for i in range(reps)]
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Exposition text -> {'name{k=v,...}': value}, labels sorted."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def histogram_quantile(
+    before: dict[str, float], after: dict[str, float], name: str, cls: str, q: float
+) -> tuple[float, int]:
+    """(the q-quantile's bucket bound, observations) of histogram `name` for class `cls`
+    over what was observed between two scrapes; (nan, 0) if nothing was."""
+    prefix = f"{name}_bucket{{class={cls},le="
+    buckets = sorted(
+        (float(k[len(prefix) : -1]), after[k] - before.get(k, 0.0))
+        for k in after
+        if k.startswith(prefix)
+    )
+    total = buckets[-1][1] if buckets else 0
+    for bound, count in buckets:
+        if total and count >= q * total:
+            return bound, int(total)
+    return float("nan"), int(total)

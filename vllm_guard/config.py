@@ -51,9 +51,15 @@ class EngineConfig(BaseModel):
     scheduler plugin (`vllm_guard.engine.scheduler`, vLLM 0.32): when requests of the most
     urgent class wait, the engine preempts running sequences of less urgent classes to run
     them in the same step, so no slot or KV share is reserved (every class may fill the
-    engine and queue `queue_ahead` more inside vLLM) and preemptible classes reserve only
-    their prompts' KV. `serve` loads the plugin (or falls back to `vllm`, with the
+    engine, and queue `batch_queue_ahead` more inside vLLM) and preemptible classes reserve
+    only their prompts' KV. `serve` loads the plugin (or falls back to `vllm`, with the
     reservations, where it cannot); in proxy mode it says the upstream runs it."""
+    batch_queue_ahead: Annotated[int, Field(ge=0, le=65536)] | None = None
+    """`scheduler: guard` only: requests of the less urgent classes the guard may send
+    beyond the S slots, to wait inside vLLM (which runs them the step a slot frees; the
+    plugin still preempts them for the most urgent class). Default S: a whole wave of
+    equal-length batch requests finishing together is refilled in the engine's next step,
+    not after a trip through the guard and vLLM's API server."""
     scheduler_metrics_file: str | None = None
     """Proxy mode with the plugin: the file the upstream's plugin writes its metrics to (the
     `VLLM_GUARD_SCHEDULER_METRICS` vLLM was started with, on the same host), shown on the
@@ -291,16 +297,22 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
     eng = cfg.engine
     # With the scheduler plugin the engine preempts less urgent work for the most urgent
     # class, so no slot or KV share is held back for it: every class may fill the engine
-    # and queue `queue_ahead` more inside vLLM. Without it, reservations do the job.
+    # and queue more inside vLLM. Without it, reservations do the job.
     plugin = eng.scheduler == "guard"
+    batch_ahead = eng.max_num_seqs if eng.batch_queue_ahead is None else eng.batch_queue_ahead
     for rank, (name, c) in enumerate(ordered):
+        if rank == 0:
+            slot_limit = eng.max_num_seqs + eng.queue_ahead
+        elif plugin:
+            slot_limit = eng.max_num_seqs + batch_ahead
+        else:
+            slot_limit = eng.max_num_seqs - reserved_above
         classes.append(
             PriorityClass(
                 name=name,
                 rank=rank,
                 vllm_priority=c.vllm_priority,
-                slot_limit=eng.max_num_seqs
-                + (eng.queue_ahead if rank == 0 or plugin else -reserved_above),
+                slot_limit=slot_limit,
                 max_queue=c.max_queue,
                 max_wait_s=c.max_wait_s,
                 header_value=name.encode(),
@@ -309,7 +321,7 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
                 fair_queueing=c.queueing == "fair",
                 kv_fraction=eng.kv_watermark - (0.0 if plugin else kv_reserved_above),
                 engine_makes_room=plugin and rank == 0,
-                kv_worst_case=not plugin or rank == 0,
+                kv_admission=not plugin or rank == 0,
             )
         )
         reserved_above += c.reserved_seqs

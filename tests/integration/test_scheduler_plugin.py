@@ -6,7 +6,10 @@ plugin's own metrics show it on the guard's /metrics."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -26,6 +29,7 @@ tenants:
   chat-ui: {class: interactive, api_keys: ["env:CHAT_UI_KEY"]}
   nightly-etl: {class: batch, api_keys: ["env:ETL_KEY"]}
 """
+DASHBOARD = Path(__file__).parents[2] / "configs" / "grafana" / "vllm-guard.json"
 BATCH_TOKENS = 600
 PROBES = 3
 
@@ -85,8 +89,9 @@ async def _run() -> dict:
         before = await asyncio.to_thread(_metrics, stack)
         batch_client, chat = _client(stack, "ETL_KEY"), _client(stack, "CHAT_UI_KEY")
         ended: list[float] = []
-        # 4 slots + 2 waiting inside vLLM (no slot reserved with the plugin) + 2 in the guard.
-        batch = [asyncio.create_task(_batch(batch_client, ended)) for _ in range(8)]
+        # 4 slots + 4 waiting inside vLLM (no slot reserved with the plugin; batch_queue_ahead
+        # defaults to S) + 2 in the guard.
+        batch = [asyncio.create_task(_batch(batch_client, ended)) for _ in range(10)]
         deadline = time.monotonic() + 120
         while (await asyncio.to_thread(_metrics, stack)).get(
             "vllm_guard_engine_requests{state=running}"
@@ -113,16 +118,27 @@ async def _run() -> dict:
 def test_an_interactive_request_runs_within_a_step_or_two_of_a_full_batch_engine():
     r = asyncio.run(_run())
     before, after = r["before"], r["after"]
-    # The plugin runs, and the guard reserves no slot: batch may fill all 4 and queue 2.
-    assert "vllm_guard_engine_preemptions_total{class=batch,reason=guard}" in before
-    assert before["vllm_guard_slot_limit{class=batch}"] == 6
+    # The plugin runs, and the guard reserves no slot: batch may fill all 4 and queue 4.
+    assert "vllm_guard_scheduler_preemptions_total{class=batch,reason=guard}" in before
+    assert before["vllm_guard_slot_limit{class=batch}"] == 8
     # Every probe finished while every batch stream still had tokens to go.
     assert max(end for _, end in r["probes"]) < min(r["batch_ended"]), r
     # Inside the engine: each probe was scheduled within 2 steps of its arrival, by
     # preempting batch; every preempted batch request resumed and produced all its tokens.
-    steps = "vllm_guard_engine_first_step_delay_steps"
+    steps = "vllm_guard_scheduler_first_step_delay_steps"
     assert after[f"{steps}_count{{class=interactive}}"] == PROBES
     assert after[f"{steps}_bucket{{class=interactive,le=2.0}}"] == PROBES
-    assert after["vllm_guard_engine_preemptions_total{class=batch,reason=guard}"] >= 1
-    assert after.get("vllm_guard_engine_preemptions_total{class=interactive,reason=guard}", 0) == 0
-    assert r["batch_used"] == [BATCH_TOKENS] * 8
+    assert after["vllm_guard_scheduler_preemptions_total{class=batch,reason=guard}"] >= 1
+    assert (
+        after.get("vllm_guard_scheduler_preemptions_total{class=interactive,reason=guard}", 0) == 0
+    )
+    assert r["batch_used"] == [BATCH_TOKENS] * 10
+
+    # The dashboard's plugin panels query series the guard's /metrics has (the panels'
+    # PromQL itself runs against a real Prometheus in test_observability, on the other panels).
+    panels = [p for p in json.loads(DASHBOARD.read_text())["panels"] if "plugin" in p["title"]]
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
+    names = {n for e in exprs for n in re.findall(r"vllm_guard_\w+", e)}
+    assert len(panels) >= 3 and names
+    for name in names:
+        assert any(k.startswith(name + "{") for k in after), name

@@ -103,6 +103,19 @@ def test_cancelled_waiter_is_skipped_and_uncounted(config):
     assert a.state is TicketState.CANCELLED
 
 
+def test_cancelling_a_blocked_head_admits_the_waiters_behind_it(config):
+    """A head needing 2 slots blocks its queue when 1 is free; once it is cancelled, the
+    1-slot waiter behind it gets the free slot at once, not at the next release."""
+    adm, inter, _batch = _setup(config)
+    held = [adm.enter(inter, 0.0, "a")[1] for _ in range(4)]
+    small = adm.enter(inter, 0.0, "a", cost=10)[1]
+    big = adm.enter(inter, 0.0, "b", cost=1, seqs=2)[1]  # cheaper: the fair-queue head
+    adm.release(held[0], 1.0)
+    assert (small.state, big.state) == (TicketState.WAITING, TicketState.WAITING)
+    assert adm.cancel(big) == [small]
+    assert adm.in_flight == 4
+
+
 def test_new_arrival_does_not_overtake_queued_peer(config):
     adm, inter, batch = _setup(config)
     held = [adm.enter(batch, 0.0)[1] for _ in range(3)]
@@ -150,7 +163,8 @@ def test_invariants_under_any_interleaving(queue_ahead, scheduler, seq):
     may fill S + q, and interactive requests count only themselves against S + q."""
     config = parse_config(
         BASE_CONFIG.replace(
-            "queue_ahead: 0", f"queue_ahead: {queue_ahead}, scheduler: {scheduler}"
+            "queue_ahead: 0",
+            f"queue_ahead: {queue_ahead}, scheduler: {scheduler}, batch_queue_ahead: {queue_ahead}",
         ),
         "t.yaml",
         KEYS,
@@ -174,7 +188,7 @@ def test_invariants_under_any_interleaving(queue_ahead, scheduler, seq):
             t = admitted.pop(0)
             admitted += adm.release(t, now)
         elif op == "cancel" and waiting:
-            adm.cancel(waiting[-1])
+            admitted += adm.cancel(waiting[-1])
         elif op == "expire":  # then dispatch, as the gate does: an expired head may have
             adm.expire(now)  # been holding back smaller waiters behind it
             admitted += adm.dispatch()
@@ -348,14 +362,18 @@ def test_unknown_capacity_means_slots_alone_decide():
 
 # -- with the scheduler plugin (engine.scheduler: guard) -------------------------------
 
-PLUGIN_CONFIG = KV_CONFIG.replace("queue_ahead: 0", "queue_ahead: 2, scheduler: guard")
+PLUGIN_CONFIG = KV_CONFIG.replace(
+    "queue_ahead: 0", "queue_ahead: 2, scheduler: guard, batch_queue_ahead: 2"
+)
 
 
 def test_with_the_plugin_batch_fills_every_slot_and_interactive_still_gets_in():
     config = parse_config(PLUGIN_CONFIG, "test.yaml", KEYS)
     adm, inter, batch = _setup(config)
-    # No reserved slot, and batch too may queue queue_ahead requests inside vLLM.
+    # No reserved slot, and batch too may queue requests inside vLLM (batch_queue_ahead).
     assert (inter.slot_limit, batch.slot_limit) == (6, 6)
+    default = parse_config(PLUGIN_CONFIG.replace(", batch_queue_ahead: 2", ""), "t.yaml", KEYS)
+    assert default.classes[1].slot_limit == 4 + 4  # a whole wave of batch: S
     assert (inter.engine_makes_room, batch.engine_makes_room) == (True, False)
     held = [adm.enter(batch, 0.0)[1] for _ in range(6)]
     assert all(t.state is TicketState.ADMITTED for t in held)
@@ -379,11 +397,12 @@ def test_with_the_plugin_no_kv_share_is_held_back_and_interactive_counts_its_own
     config = parse_config(PLUGIN_CONFIG, "test.yaml", KEYS)
     inter, batch = config.classes
     assert (inter.kv_fraction, batch.kv_fraction) == (0.8, 0.8)  # reserved_kv not applied
-    assert (inter.kv_worst_case, batch.kv_worst_case) == (True, False)
+    assert (inter.kv_admission, batch.kv_admission) == (True, False)
     adm = Admission(config.max_num_seqs, config.classes, kv_capacity=1000)
-    assert adm.enter(batch, 0.0, kv=700)[1].state is TicketState.ADMITTED
-    adm.engine_update(790, None, False)  # batch's decodes grew into the cache
-    assert adm.enter(batch, 0.0, kv=20)[0] is Decision.QUEUED  # 790 + 20 > 800
+    adm.engine_update(990, None, False)  # the cache is full of batch decodes
+    # Batch is admitted by slots alone: vLLM preempts it for KV, as it would without us.
+    assert all(adm.enter(batch, 0.0, kv=0)[0] is Decision.ADMITTED for _ in range(6))
+    assert adm.enter(batch, 0.0, kv=0)[0] is Decision.QUEUED  # 6 = S + batch_queue_ahead
     assert adm.kv_headroom(inter) == 800  # batch's use does not count for interactive
     assert adm.enter(inter, 0.0, kv=500)[0] is Decision.ADMITTED
     assert adm.enter(inter, 0.0, kv=400)[0] is Decision.QUEUED  # 500 + 400 > 800 of its own
@@ -396,4 +415,4 @@ def test_without_the_plugin_the_same_file_keeps_its_reservations():
     assert fallback.engine.scheduler == "vllm"
     assert (inter.slot_limit, batch.slot_limit) == (6, 3)
     assert (inter.kv_fraction, batch.kv_fraction) == (0.8, pytest.approx(0.6))
-    assert (inter.engine_makes_room, batch.kv_worst_case) == (False, True)
+    assert (inter.engine_makes_room, batch.kv_admission) == (False, True)

@@ -96,7 +96,8 @@ def test_serve_falls_back_to_reserved_slots_where_the_plugin_cannot_run(caplog, 
     same, plugin = scheduler_plugin(config, "0.32.0")
     assert same is config
     assert plugin == guard_scheduler_cls()
-    assert [c.slot_limit for c in config.classes] == [4, 4]  # no reserved slot
+    # No reserved slot; batch may queue S more inside vLLM.
+    assert [c.slot_limit for c in config.classes] == [4, 8]
 
     fallback, plugin = scheduler_plugin(config, "0.33.1")
     assert plugin is None

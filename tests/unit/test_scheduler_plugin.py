@@ -200,16 +200,16 @@ def test_the_plugin_counts_preemptions_recomputed_tokens_and_first_step_delays(
     late = add(sched, [request(10, max_tokens=2)])  # waits: every slot is taken
     drain(sched)
     m = metrics(path)  # flushed when the engine went idle
-    assert m["vllm_guard_engine_preemptions_total{class=batch,reason=guard}"] == 1
+    assert m["vllm_guard_scheduler_preemptions_total{class=batch,reason=guard}"] == 1
     # The victim had its 8 prompt tokens and 2 or 3 decoded tokens computed.
     victim = next(r for r in batch if r.num_preemptions)
-    assert 8 <= m["vllm_guard_engine_recomputed_tokens_total{class=batch,reason=guard}"] <= 11
+    assert 8 <= m["vllm_guard_scheduler_recomputed_tokens_total{class=batch,reason=guard}"] <= 11
     assert victim.status == RequestStatus.FINISHED_LENGTH_CAPPED
     # The urgent request ran in the first step after it arrived; the late batch request
     # waited several steps for a slot.
-    assert m["vllm_guard_engine_first_step_delay_steps_bucket{class=interactive,le=0.0}"] == 1
-    assert m["vllm_guard_engine_first_step_delay_steps_count{class=batch}"] == 5
-    assert m["vllm_guard_engine_first_step_delay_steps_bucket{class=batch,le=2.0}"] == 4
+    assert m["vllm_guard_scheduler_first_step_delay_steps_bucket{class=interactive,le=0.0}"] == 1
+    assert m["vllm_guard_scheduler_first_step_delay_steps_count{class=batch}"] == 5
+    assert m["vllm_guard_scheduler_first_step_delay_steps_bucket{class=batch,le=2.0}"] == 4
     assert late[0].status == RequestStatus.FINISHED_LENGTH_CAPPED
     assert not sched._guard_arrivals  # nothing kept for requests that are gone
 

@@ -31,8 +31,8 @@ overtaking), as for slots.
 With the scheduler plugin (`engine.scheduler: guard`) the engine itself preempts less
 urgent work for the most urgent class (`PriorityClass.engine_makes_room`), so that class
 counts only its own sequences and KV reservations against its limits, and no slot or KV
-share is reserved below it; the preemptible classes reserve only their prompts' KV
-(`kv_worst_case` off) and rely on the engine's reading for the rest.
+share is reserved below it; the preemptible classes are admitted by slots alone
+(`kv_admission` off): vLLM preempts them for KV, as it would without the guard.
 
 The asyncio side (`proxy/admission_gate.py`) turns the returned tickets into woken futures
 and arms one timer per queue at `next_deadline()`.
@@ -284,13 +284,15 @@ class Admission:
         ahead = sum(s.queued for s in self._classes[: priority_class.rank + 1])
         return (ahead + 1) * self._completion_interval_s
 
-    def cancel(self, ticket: Ticket) -> None:
-        """Withdraw a waiting ticket (client gone). No-op unless it is still waiting."""
+    def cancel(self, ticket: Ticket) -> list[Ticket]:
+        """Withdraw a waiting ticket (client gone); returns the waiters it was holding back
+        (a queue head that did not fit blocks those behind it). No-op unless it waits."""
         if ticket.state is not TicketState.WAITING:
-            return
+            return []
         state = self._by_rank[ticket.priority_class.rank]
         ticket.state = TicketState.CANCELLED
         state.left()
+        return self.dispatch()
 
     def expire(self, now: float) -> list[Ticket]:
         """Remove and return every waiting ticket whose deadline has passed."""
@@ -339,6 +341,8 @@ class Admission:
             return False
         if self.kv.hold_batch and spec.rank > 0:
             return False
+        if not spec.kv_admission:
+            return True
         return in_flight == 0 or ticket.kv <= self.kv_headroom(spec)
 
     def _nobody_waiting_up_to(self, rank: int) -> bool:

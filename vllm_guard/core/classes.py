@@ -17,8 +17,8 @@ class PriorityClass:
     vllm_priority: int
     slot_limit: int
     """Requests in vLLM at once this class may add to: S minus the slots reserved by more
-    urgent classes (S + engine.queue_ahead for the most urgent class, and for every class
-    when the engine makes room: `engine_makes_room`)."""
+    urgent classes (S + engine.queue_ahead for the most urgent class; with the scheduler
+    plugin S + engine.batch_queue_ahead for the others)."""
     max_queue: int
     max_wait_s: float
     header_value: bytes
@@ -32,10 +32,12 @@ class PriorityClass:
     """The engine's scheduler preempts less urgent classes for this one (`engine.scheduler:
     guard`, the most urgent class): only this class's own sequences and KV reservations
     count against its `slot_limit` and `kv_fraction`."""
-    kv_worst_case: bool = True
-    """Each request reserves KV for its prompt and its whole completion budget. False for
-    the classes the engine may preempt (`engine.scheduler: guard`): a request reserves its
-    prompt, and vLLM preempts it if its decodes outgrow the cache."""
+    kv_admission: bool = True
+    """Admitted by KV headroom, each request reserving its prompt and whole completion
+    budget. False for the classes the engine preempts (`engine.scheduler: guard`): slots
+    alone admit them and vLLM preempts them when decodes outgrow the cache — running every
+    slot and recomputing the few it preempts yields more than holding sequences back for
+    their worst case — while the plugin takes KV blocks from them for the urgent class."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -224,10 +224,12 @@ async def warm_up(stack: Stack, n_flood: int, max_tokens: int) -> None:
 
 def batch_running_at_saturation(stack: Stack, target: Target) -> int:
     """Batch streams that run at once when the flood saturates `target`: every engine
-    slot straight to vLLM, the batch class's slot limit through the guard."""
+    slot straight to vLLM, the batch class's slot limit through the guard (every slot with
+    the scheduler plugin)."""
+    slots = stack.config.max_num_seqs
     if target.base_url == stack.vllm_url:
-        return stack.config.max_num_seqs
-    return stack.config.classes_by_name["batch"].slot_limit
+        return slots
+    return min(slots, stack.config.classes_by_name["batch"].slot_limit)
 
 
 def targets(stack: Stack) -> tuple[Target, Target]:

@@ -54,7 +54,7 @@ class SchedulerMetrics:
         self.path = path
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.preemptions = Counter(
-            "vllm_guard_engine_preemptions",
+            "vllm_guard_scheduler_preemptions",
             "Running requests preempted in vLLM's engine, by the preempted request's class "
             "and by who preempted it: guard (to run a more urgent request) or engine (vLLM "
             "itself, for KV blocks).",
@@ -62,21 +62,21 @@ class SchedulerMetrics:
             registry=r,
         )
         self.recomputed = Counter(
-            "vllm_guard_engine_recomputed_tokens",
+            "vllm_guard_scheduler_recomputed_tokens",
             "Computed tokens that preemptions threw away (to be computed again on resume, "
             "less what the prefix cache still holds).",
             ["class", "reason"],
             registry=r,
         )
         self.first_step_s = Histogram(
-            "vllm_guard_engine_first_step_delay_seconds",
+            "vllm_guard_scheduler_first_step_delay_seconds",
             "From a request's arrival in vLLM's scheduler to its first scheduled step.",
             ["class"],
             buckets=_DELAY_BUCKETS_S,
             registry=r,
         )
         self.first_step_steps = Histogram(
-            "vllm_guard_engine_first_step_delay_steps",
+            "vllm_guard_scheduler_first_step_delay_steps",
             "Engine steps that ran without a request between its arrival in vLLM's "
             "scheduler and its first scheduled step (0: the first step after it arrived).",
             ["class"],

@@ -65,7 +65,7 @@ class Gate:
             if ticket.state is TicketState.ADMITTED:
                 self.release(ticket)  # woken and cancelled in the same loop turn
             else:
-                self.admission.cancel(ticket)
+                self.wake(self.admission.cancel(ticket))
             raise
         if ticket.state is TicketState.EXPIRED:
             raise self._refusal(RefusalReason.QUEUE_TIMEOUT, priority_class)

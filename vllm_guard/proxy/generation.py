@@ -228,8 +228,8 @@ class Generation:
             else completion_budget(req.path, parsed.payload, priority_class.default_max_tokens)
         )
         cost = _fair_cost(len(req.body), est, completion)
-        # A class the engine may preempt reserves its prompt only (engine.scheduler: guard).
-        kv = await self._kv_tokens(req, completion if priority_class.kv_worst_case else 0)
+        # A class the engine preempts reserves no KV (engine.scheduler: guard).
+        kv = await self._kv_tokens(req, completion) if priority_class.kv_admission else 0
         started = self.clock.now()
         try:
             ticket = await self.gate.acquire(

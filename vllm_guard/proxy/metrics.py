@@ -139,7 +139,7 @@ class _StateCollector(Collector):
 
 
 class _SchedulerPluginCollector(Collector):
-    """The scheduler plugin's metrics (`vllm_guard_engine_preemptions_total`, recomputed
+    """The scheduler plugin's metrics (`vllm_guard_scheduler_preemptions_total`, recomputed
     tokens, first-step delays), which it writes to a file from vLLM's engine process: read
     at each scrape. No file (the plugin is not running, or not yet): no series."""
 

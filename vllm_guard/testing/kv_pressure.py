@@ -13,12 +13,13 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiohttp
 
-from vllm_guard.demo.workload import new_session
+from vllm_guard.demo.workload import PROBE_GAP_S, new_session
 from vllm_guard.testing.stack import Stack
 from vllm_guard.upstream.monitor import EngineSample, parse_engine_metrics
 
@@ -95,6 +96,8 @@ class KvFloodResult:
     running_max: int
     timeline: list[tuple[float, float, int, int, int]]
     """(s since start, KV usage, running, waiting, preemptions so far), one per sample."""
+    probe_ttfts_s: list[float]
+    """TTFTs of the interactive probes sent one after another during the flood, if any."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -114,10 +117,14 @@ async def kv_flood(
     n: int,
     vllm_url: str,
     sample_every_s: float = 0.1,
+    probe: Callable[[int], Awaitable[float]] | None = None,
 ) -> KvFloodResult:
     """`n` identical completions at once to `url`, while vLLM's own /metrics (at
-    `vllm_url`, whichever path the flood takes) is sampled for preemptions and queues."""
+    `vllm_url`, whichever path the flood takes) is sampled for preemptions and queues;
+    with `probe`, interactive probes (returning their TTFT) one after another until the
+    flood is done."""
     before = await engine_sample(session, vllm_url)
+    ttfts: list[float] = []
     statuses: dict[int, int] = {}
     tokens = [0]
     timeline: list[tuple[float, float, int, int, int]] = []
@@ -147,10 +154,24 @@ async def kv_flood(
             )
             await asyncio.sleep(sample_every_s)
 
+    async def prober(flood: asyncio.Future[Any]) -> None:
+        assert probe is not None
+        i = 0
+        while not flood.done():
+            ttft = await probe(i)
+            if not flood.done():  # count only probes that met the whole flood
+                ttfts.append(ttft)
+            i += 1
+            await asyncio.sleep(PROBE_GAP_S)
+
     watcher = asyncio.create_task(sampler())
     try:
-        await asyncio.gather(*(one() for _ in range(n)))
+        flood = asyncio.gather(*(one() for _ in range(n)))
+        probing = asyncio.create_task(prober(flood)) if probe is not None else None
+        await flood
         elapsed = time.monotonic() - t0
+        if probing is not None:
+            await probing
         await asyncio.sleep(2 * sample_every_s)
     finally:
         watcher.cancel()
@@ -165,7 +186,5 @@ async def kv_flood(
         waiting_max=max((w for _, _, _, w, _ in timeline), default=0),
         running_max=max((r for _, _, r, _, _ in timeline), default=0),
         timeline=timeline,
+        probe_ttfts_s=ttfts,
     )
-
-
-# -- the demo's two paths over one stack ------------------------------------------------

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
-from vllm_guard.config import load_config
+from vllm_guard.config import DEFAULT_CONFIG, load_config
 from vllm_guard.engine.launcher import free_port
 
 
@@ -42,6 +43,7 @@ class Stack:
         self.vllm_port = free_port()
         self.keys = dict(keys) if keys else {var: secrets.token_urlsafe(24) for var in key_vars}
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="vllm-guard-demo-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.vllm_log = self.log_dir / "vllm.log"
         self.guard_log = self.log_dir / "guard.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -101,6 +103,23 @@ class Stack:
     def stop(self) -> None:
         if self.proc is not None:
             stop(self.proc, 60)
+
+
+def config_text(path: Path | None = None) -> str:
+    """A limits file's text; None: the embedded default's."""
+    if path is not None:
+        return path.read_text()
+    from importlib import resources
+
+    return resources.files("vllm_guard.defaults").joinpath(DEFAULT_CONFIG).read_text()
+
+
+def with_scheduler(text: str, scheduler: str) -> str:
+    """The same limits with `engine.scheduler` set (the benchmarks' third path: the same
+    classes and tenants with the scheduler plugin)."""
+    raw = yaml.safe_load(text)
+    raw.setdefault("engine", {})["scheduler"] = scheduler
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 @contextlib.asynccontextmanager
