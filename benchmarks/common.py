@@ -58,6 +58,7 @@ PATH_LABELS = {
     "vllm": "vLLM alone (priority policy)",
     "reserved": "guard, reserved slots",
     "plugin": "guard + scheduler plugin",
+    "step_alone": "guard + plugin, urgent_step_alone",
 }
 
 

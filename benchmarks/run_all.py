@@ -38,9 +38,12 @@ SUITE: dict[str, tuple[list[str], Callable[[dict[str, Any]], str]]] = {
     "isolation": (
         ["--reps", "2", "--probes", "20"],
         lambda r: (
-            f"interactive TTFT p95 under a 200-stream flood {r['isolation_ratio']:.1f}× alone "
-            f"through the guard vs {r['direct_degradation']:.0f}× direct; batch tokens/s "
-            f"{r['work_conservation_ratio']:.0%} of direct"
+            "interactive TTFT p95 under a 200-stream flood ÷ alone: "
+            f"vLLM alone {r['isolation_ratio']['vllm']:.0f}×, guard with reserved slots "
+            f"{r['isolation_ratio']['reserved']:.1f}×, guard + plugin "
+            f"{r['isolation_ratio']['plugin']:.1f}×; batch tokens/s ÷ vLLM alone: "
+            f"{r['batch_throughput_vs_baseline']['reserved']:.2f} and "
+            f"{r['batch_throughput_vs_baseline']['plugin']:.2f}"
         ),
     ),
     "overhead": (

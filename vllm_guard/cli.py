@@ -324,6 +324,7 @@ def plugin_policy(config: CompiledConfig) -> PreemptionPolicy:
         urgent_max_priority=config.classes[0].vllm_priority,
         max_preemptions_per_step=eng.max_preemptions_per_step,
         max_preemptions_per_request=eng.max_preemptions_per_request,
+        urgent_step_alone=eng.urgent_step_alone,
         class_names={str(c.vllm_priority): c.name for c in config.classes},
     )
 

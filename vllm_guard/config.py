@@ -66,6 +66,10 @@ class EngineConfig(BaseModel):
     guard's /metrics. `serve` sets this up itself."""
     max_preemptions_per_step: Annotated[int, Field(ge=1, le=1024)] = 4
     """`scheduler: guard`: sequences the plugin may preempt in one engine step."""
+    urgent_step_alone: bool = False
+    """`scheduler: guard`: the engine step that runs an urgent request's prefill runs no
+    less urgent decodes (they skip that step). Off by default: see the README's
+    measurement."""
     max_preemptions_per_request: Annotated[int, Field(ge=0, le=1000)] = 3
     """`scheduler: guard`: a sequence preempted this often is not chosen again, so less
     urgent work always finishes."""

@@ -122,7 +122,8 @@ def drain(scheduler: Scheduler, max_steps: int = 2000) -> None:
 @pytest.fixture(autouse=True)
 def policy(monkeypatch):
     monkeypatch.setenv(
-        POLICY_ENV, PreemptionPolicy(0, 4, 3, {"0": "interactive", "10": "batch"}).to_env()
+        POLICY_ENV,
+        PreemptionPolicy(0, 4, 3, class_names={"0": "interactive", "10": "batch"}).to_env(),
     )
     monkeypatch.delenv(METRICS_ENV, raising=False)
 
@@ -212,6 +213,22 @@ def test_the_plugin_counts_preemptions_recomputed_tokens_and_first_step_delays(
     assert m["vllm_guard_scheduler_first_step_delay_steps_bucket{class=batch,le=2.0}"] == 4
     assert late[0].status == RequestStatus.FINISHED_LENGTH_CAPPED
     assert not sched._guard_arrivals  # nothing kept for requests that are gone
+
+
+@pytest.mark.parametrize("cls", [GuardScheduler, GuardAsyncScheduler])
+def test_urgent_step_alone_runs_the_urgent_prefill_without_batch_decodes(cls, monkeypatch):
+    policy = PreemptionPolicy(0, 4, 3, True, {"0": "interactive", "10": "batch"})
+    monkeypatch.setenv(POLICY_ENV, policy.to_env())
+    sched = build(cls, max_num_seqs=8, async_scheduling=cls is GuardAsyncScheduler)
+    batch = add(sched, [request(10, max_tokens=20) for _ in range(4)], steps=3)
+    (urgent,) = add(sched, [request(0, max_tokens=3)])
+    assert step(sched) == {urgent.request_id}  # alone: batch skips this one step
+    assert step(sched) == {urgent.request_id, *(r.request_id for r in batch)}
+    assert all(r.num_preemptions == 0 for r in batch)  # a free slot: nobody preempted
+    drain(sched)
+    assert all(r.status == RequestStatus.FINISHED_LENGTH_CAPPED for r in [*batch, urgent])
+    pool = sched.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
 
 
 def test_the_plugin_refuses_another_vllm_version():

@@ -36,6 +36,9 @@ class PreemptionPolicy:
     """vLLM priorities at or below this are the most urgent class (the guard sends them)."""
     max_preemptions_per_step: int = 4
     max_preemptions_per_request: int = 3
+    urgent_step_alone: bool = False
+    """A step that schedules an urgent request's first tokens runs without the less urgent
+    requests' decodes (they skip that one step), so its prefill does not share the step."""
     class_names: Mapping[str, str] = field(default_factory=dict)
     """vLLM priority (as a string) -> the guard's class name, for the plugin's metrics."""
 

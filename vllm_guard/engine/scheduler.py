@@ -130,7 +130,12 @@ class _MakesRoomForUrgent:
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         self._make_room_for_urgent()
-        output: SchedulerOutput = super().schedule(*args, **kwargs)  # type: ignore[misc]
+        sched: Any = self
+        held = self._hold_less_urgent() if self.guard_policy.urgent_step_alone else []
+        try:
+            output: SchedulerOutput = super().schedule(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            sched.running += held
         self._observe_first_steps(output)
         self._guard_steps += 1
         return output
@@ -170,6 +175,19 @@ class _MakesRoomForUrgent:
             name = self.guard_policy.class_name(requests[new.req_id].priority)
             metrics.first_step_s.labels(name).observe(now - arrived[1])
             metrics.first_step_steps.labels(name).observe(self._guard_steps - arrived[0])
+
+    def _hold_less_urgent(self) -> list[Any]:
+        """`urgent_step_alone`: when an urgent request waits for its first step, take the
+        less urgent running requests out of `running` for this one step (they keep their
+        blocks and simply are not scheduled, as when a step's token budget runs out)."""
+        sched: Any = self
+        waiting, urgent = sched.waiting, self.guard_policy.urgent_max_priority
+        if not waiting or waiting.peek_request().priority > urgent:
+            return []
+        held = [r for r in sched.running if r.priority > urgent]
+        if held:
+            sched.running = [r for r in sched.running if r.priority <= urgent]
+        return held
 
     def _make_room_for_urgent(self) -> None:
         sched: Any = self

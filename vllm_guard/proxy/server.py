@@ -138,6 +138,20 @@ async def serve_proxy(config: CompiledConfig, upstream_url: str, host: str, port
             "it with --scheduling-policy priority",
             policy,
         )
+    if config.engine.scheduler == "guard":
+        stats = config.engine.scheduler_metrics_file
+        if stats is not None and not Path(stats).exists():
+            log.error(
+                "engine.scheduler: guard, but the plugin's metrics file %s does not exist: "
+                "is the upstream running vllm_guard's scheduler? Without it nothing keeps "
+                "room for interactive requests (no slot is reserved)",
+                stats,
+            )
+        elif stats is None:
+            log.warning(
+                "engine.scheduler: guard: no slot or KV share is reserved; the upstream must "
+                "run vllm_guard's scheduler plugin (vllm-guard check-config shows how)"
+            )
     poller = asyncio.create_task(poll_health(engine, upstream.base_url))
     with _signals_for_uvicorn():
         try:

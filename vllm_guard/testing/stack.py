@@ -114,11 +114,11 @@ def config_text(path: Path | None = None) -> str:
     return resources.files("vllm_guard.defaults").joinpath(DEFAULT_CONFIG).read_text()
 
 
-def with_scheduler(text: str, scheduler: str) -> str:
-    """The same limits with `engine.scheduler` set (the benchmarks' third path: the same
-    classes and tenants with the scheduler plugin)."""
+def with_scheduler(text: str, scheduler: str, **engine: Any) -> str:
+    """The same limits with `engine.scheduler` (and any other `engine` keys) set: the
+    benchmarks' paths with and without the scheduler plugin, same classes and tenants."""
     raw = yaml.safe_load(text)
-    raw.setdefault("engine", {})["scheduler"] = scheduler
+    raw.setdefault("engine", {}).update(scheduler=scheduler, **engine)
     return yaml.safe_dump(raw, sort_keys=False)
 
 
