@@ -40,7 +40,7 @@ from vllm_guard.testing.stack import running_stack
 
 TPM = 6000
 CONFIG = f"""
-engine: {{max_num_seqs: 16}}
+engine: {{max_num_seqs: 16, scheduler: vllm}}
 classes:
   interactive: {{vllm_priority: 0, reserved_seqs: 2}}
   batch: {{vllm_priority: 10, max_queue: 5000, max_wait_s: 900, on_limit: reject}}

@@ -29,7 +29,7 @@ from vllm_guard.demo.workload import percentile
 from vllm_guard.testing.stack import Stack, running_stack
 
 CONFIG = """
-engine: {max_num_seqs: 16}
+engine: {max_num_seqs: 16, scheduler: vllm}  # as measured: the wait is in the guard
 classes:
   interactive: {vllm_priority: 0, reserved_seqs: 2}
   fair: {vllm_priority: 10, queueing: fair, max_queue: 5000, max_wait_s: 900}

@@ -45,7 +45,7 @@ LIMITS = {"rpm": 300, "rpm_burst": 10, "tpm": 24000, "tpm_burst": 3000, "concurr
 PROBE_RPM = 20
 
 CONFIG = """
-engine: {{max_num_seqs: 16}}
+engine: {{max_num_seqs: 16, scheduler: vllm}}
 classes:
   interactive: {{vllm_priority: 0, reserved_seqs: 2, max_queue: 200, max_wait_s: 5}}
   batch: {{vllm_priority: 10, max_queue: 5000, max_wait_s: 900, on_limit: wait}}

@@ -233,9 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"engine: max_num_seqs={config.max_num_seqs} queue_ahead={eng.queue_ahead} "
             f"kv_admission={eng.kv_admission} "
             f"kv_watermark={eng.kv_watermark:g} on_stale={eng.on_stale} "
-            f"scheduler={eng.scheduler}"
+            f"scheduler={eng.scheduler or _UNSET_SCHEDULER}"
         )
-        if eng.scheduler == "guard":
+        if eng.scheduler != "vllm":
             from vllm_guard.engine.plugin import METRICS_ENV
             from vllm_guard.engine.preemption import POLICY_ENV
 
@@ -315,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(plugin_dir, ignore_errors=True)
 
 
+_UNSET_SCHEDULER = "unset (serve: guard where vLLM supports it; proxy: vllm)"
+
+
 def plugin_policy(config: CompiledConfig) -> PreemptionPolicy:
     """What the scheduler plugin needs from the config, for vLLM's engine process."""
     from vllm_guard.engine.preemption import PreemptionPolicy
@@ -332,22 +335,28 @@ def plugin_policy(config: CompiledConfig) -> PreemptionPolicy:
 def scheduler_plugin(
     config: CompiledConfig, vllm_version: str | None
 ) -> tuple[CompiledConfig, str | None]:
-    """`serve`'s choice for `engine.scheduler: guard`: the config to run and the
-    `--scheduler-cls` for vLLM, or the same file with reservations (scheduler `vllm`) and no
-    plugin where it cannot run on this vLLM, saying why in the log."""
+    """`serve`'s choice of scheduler: the config to run and the `--scheduler-cls` for vLLM.
+    The plugin runs unless the config says `engine.scheduler: vllm` or it cannot run on this
+    vLLM; then the same file is compiled with its reservations (scheduler `vllm`), and the
+    log says why when the config had asked for the plugin."""
     from vllm_guard.engine.launcher import guard_scheduler_cls
     from vllm_guard.engine.plugin import refusal
 
-    if config.engine.scheduler != "guard":
+    asked = config.engine.scheduler
+    if asked == "vllm":
         return config, None
     reason = refusal(vllm_version)
     if reason is None:
-        return config, guard_scheduler_cls()
-    log.warning(
-        "engine.scheduler: guard: %s; falling back to vLLM's own scheduler, with the classes' "
-        "reserved_seqs/reserved_kv and worst-case KV reservations",
-        reason,
-    )
+        plugin_config = config if asked == "guard" else config.with_scheduler("guard", os.environ)
+        return plugin_config, guard_scheduler_cls()
+    if asked == "guard":
+        log.warning(
+            "engine.scheduler: guard: %s; falling back to vLLM's own scheduler, with the "
+            "classes' reserved_seqs/reserved_kv and worst-case KV reservations",
+            reason,
+        )
+    else:
+        log.info("the scheduler plugin does not run here (%s): reserved slots", reason)
     return config.with_scheduler("vllm", os.environ), None
 
 

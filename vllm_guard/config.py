@@ -45,8 +45,10 @@ class EngineConfig(BaseModel):
     in the engine's next step instead of after a round trip through the guard and vLLM's
     request preprocessing. Less urgent classes never get these, since vLLM would hand a
     freed reserved slot to whatever waits in it. 0: never more than S requests in vLLM."""
-    scheduler: Literal["vllm", "guard"] = "vllm"
-    """`vllm`: vLLM's own scheduler; classes' `reserved_seqs`/`reserved_kv` keep room for
+    scheduler: Literal["vllm", "guard"] | None = None
+    """Unset (the default): `serve` runs `guard` where this vLLM supports the plugin, else
+    `vllm`; `proxy` takes `vllm` (say `guard` when the upstream runs the plugin).
+    `vllm`: vLLM's own scheduler; classes' `reserved_seqs`/`reserved_kv` keep room for
     the urgent ones, and every request reserves its worst-case KV. `guard`: vllm-guard's
     scheduler plugin (`vllm_guard.engine.scheduler`, vLLM 0.32): when requests of the most
     urgent class wait, the engine preempts running sequences of less urgent classes to run

@@ -21,7 +21,7 @@ from vllm_guard.testing.stack import Stack, running_stack
 pytestmark = pytest.mark.integration
 
 CONFIG = """
-engine: {max_num_seqs: 4, queue_ahead: 2, scheduler: guard}
+engine: {max_num_seqs: 4, queue_ahead: 2}  # serve's default scheduler: the plugin
 classes:
   interactive: {vllm_priority: 0, reserved_seqs: 1}
   batch: {vllm_priority: 10}

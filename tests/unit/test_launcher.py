@@ -105,3 +105,22 @@ def test_serve_falls_back_to_reserved_slots_where_the_plugin_cannot_run(caplog, 
     assert [c.slot_limit for c in fallback.classes] == [4, 3]  # reserved_seqs: 1 applies
     assert "refuses to run on vLLM 0.33.1" in caplog.text
     assert "falling back to vLLM's own scheduler" in caplog.text
+
+
+def test_serve_runs_the_plugin_by_default_where_it_can(monkeypatch):
+    from vllm_guard.cli import scheduler_plugin
+
+    for var, key in KEYS.items():
+        monkeypatch.setenv(var, key)
+    config = parse_config(BASE_CONFIG, "t.yaml", KEYS)  # engine.scheduler unset
+    assert config.engine.scheduler is None
+    assert [c.slot_limit for c in config.classes] == [4, 3]  # proxy mode: reservations
+    chosen, plugin = scheduler_plugin(config, "0.32.0")
+    assert plugin == guard_scheduler_cls()
+    assert chosen.engine.scheduler == "guard"
+    assert [c.slot_limit for c in chosen.classes] == [4, 8]
+    fallback, plugin = scheduler_plugin(config, "0.31.2")
+    assert plugin is None
+    assert [c.slot_limit for c in fallback.classes] == [4, 3]
+    pinned = parse_config(BASE_CONFIG.replace("engine: {", "engine: {scheduler: vllm, "), "t", KEYS)
+    assert scheduler_plugin(pinned, "0.32.0") == (pinned, None)

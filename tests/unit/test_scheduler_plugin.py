@@ -219,14 +219,17 @@ def test_the_plugin_counts_preemptions_recomputed_tokens_and_first_step_delays(
 def test_urgent_step_alone_runs_the_urgent_prefill_without_batch_decodes(cls, monkeypatch):
     policy = PreemptionPolicy(0, 4, 3, True, {"0": "interactive", "10": "batch"})
     monkeypatch.setenv(POLICY_ENV, policy.to_env())
-    sched = build(cls, max_num_seqs=8, async_scheduling=cls is GuardAsyncScheduler)
+    sched = build(cls, max_num_seqs=5, async_scheduling=cls is GuardAsyncScheduler)
     batch = add(sched, [request(10, max_tokens=20) for _ in range(4)], steps=3)
     (urgent,) = add(sched, [request(0, max_tokens=3)])
+    later = add(sched, [request(10, max_tokens=2) for _ in range(2)])  # wait for a slot
     assert step(sched) == {urgent.request_id}  # alone: batch skips this one step
+    assert len(sched.running) == 5  # the waiting batch did not take the held slots
     assert step(sched) == {urgent.request_id, *(r.request_id for r in batch)}
     assert all(r.num_preemptions == 0 for r in batch)  # a free slot: nobody preempted
     drain(sched)
-    assert all(r.status == RequestStatus.FINISHED_LENGTH_CAPPED for r in [*batch, urgent])
+    done = [*batch, urgent, *later]
+    assert all(r.status == RequestStatus.FINISHED_LENGTH_CAPPED for r in done)
     pool = sched.kv_cache_manager.block_pool
     assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
 

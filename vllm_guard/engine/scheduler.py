@@ -132,9 +132,14 @@ class _MakesRoomForUrgent:
         self._make_room_for_urgent()
         sched: Any = self
         held = self._hold_less_urgent() if self.guard_policy.urgent_step_alone else []
+        # Held requests keep their slots: vLLM must not fill them with waiting requests.
+        sched.max_num_running_reqs -= len(held)
+        sched.max_num_active_reqs -= len(held)
         try:
             output: SchedulerOutput = super().schedule(*args, **kwargs)  # type: ignore[misc]
         finally:
+            sched.max_num_running_reqs += len(held)
+            sched.max_num_active_reqs += len(held)
             sched.running += held
         self._observe_first_steps(output)
         self._guard_steps += 1
@@ -199,7 +204,7 @@ class _MakesRoomForUrgent:
         victims = choose_victims(
             waiting,
             sched.running,
-            sched.max_num_running_reqs - len(sched.running),
+            sched.max_num_active_reqs - len(sched.running),  # vLLM's cap on admission
             block_pool.get_num_free_blocks(),
             sched.block_size,
             policy,

@@ -28,7 +28,7 @@ BLOCK_SIZE = 128  # vLLM's CPU backend
 MAX_MODEL_LEN = 1024  # vLLM refuses to start when one sequence of max_model_len cannot fit
 VLLM_ARGS = ("--num-gpu-blocks-override", str(BLOCKS), "--max-model-len", str(MAX_MODEL_LEN))
 CONFIG = """
-engine: {max_num_seqs: 16, kv_watermark: 0.9}
+engine: {max_num_seqs: 16, kv_watermark: 0.9, scheduler: vllm}
 classes:
   interactive: {vllm_priority: 0, reserved_seqs: 2, reserved_kv: 0.2}
   batch: {vllm_priority: 10, max_queue: 1000, max_wait_s: 900}
