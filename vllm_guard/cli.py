@@ -41,7 +41,10 @@ def _parser() -> argparse.ArgumentParser:
         help="start vLLM as a supervised child and serve the guard in front of it",
         description="Start vLLM (python -m vllm.entrypoints.openai.api_server) on a private "
         "127.0.0.1 port with --max-num-seqs from the config and --scheduling-policy priority, "
-        "and serve the guard on --host/--port. Arguments after -- go to vLLM unchanged.",
+        "and serve the guard on --host/--port. Unless the config says engine.scheduler: vllm, "
+        "vLLM also loads vllm-guard's scheduler plugin (--scheduler-cls), which preempts "
+        "batch work for interactive requests; where this vLLM cannot run it, the config's "
+        "reserved slots apply instead. Arguments after -- go to vLLM unchanged.",
         epilog="example: vllm-guard serve --model tiny --config configs/limits.yaml -- "
         "--enforce-eager",
     )
@@ -77,7 +80,13 @@ def _parser() -> argparse.ArgumentParser:
         "else 0)",
     )
 
-    x = sub.add_parser("proxy", help="guard a vLLM server that is already running")
+    x = sub.add_parser(
+        "proxy",
+        help="guard a vLLM server that is already running",
+        description="Guard a running vLLM. Its --max-num-seqs must match engine.max_num_seqs "
+        "and it must run --scheduling-policy priority; with engine.scheduler: guard it must "
+        "also run vllm-guard's scheduler plugin (check-config prints how to start it).",
+    )
     x.add_argument(
         "--upstream",
         required=True,
@@ -94,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo",
         help="CPU end-to-end demonstration: a batch flood against interactive probes, "
-        "straight to vLLM and through the guard",
+        "straight to vLLM, through the guard with reserved slots, and through the guard "
+        "with its scheduler plugin",
     )
     d.add_argument("--flood", type=int, default=200, help="streaming batch requests (default 200)")
     d.add_argument("--max-tokens", type=int, default=256, help="tokens per batch request")
