@@ -125,7 +125,9 @@ class _MakesRoomForUrgent:
     # -- vLLM's scheduler interface ------------------------------------------------------
 
     def add_request(self, request: Any) -> None:
-        self._guard_arrivals[request.request_id] = (self._guard_steps, time.monotonic())
+        if request.request_id not in self.requests:  # type: ignore[attr-defined]
+            # (not a streaming-input session's next chunk: that request arrived before)
+            self._guard_arrivals[request.request_id] = (self._guard_steps, time.monotonic())
         super().add_request(request)  # type: ignore[misc]
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
@@ -170,9 +172,9 @@ class _MakesRoomForUrgent:
     # -- the guard's part ----------------------------------------------------------------
 
     def _observe_first_steps(self, output: SchedulerOutput) -> None:
-        arrivals, sched, metrics = self._guard_arrivals, self, self.guard_metrics
+        arrivals, metrics = self._guard_arrivals, self.guard_metrics
         now = time.monotonic()
-        requests: Any = sched.requests  # type: ignore[attr-defined]
+        requests: Any = self.requests  # type: ignore[attr-defined]
         for new in output.scheduled_new_reqs:
             arrived = arrivals.pop(new.req_id, None)
             if arrived is None:
