@@ -51,6 +51,32 @@ def test_nice_zero_leaves_priority_alone():
     assert lines[0] == f"True True {os.nice(0)}"
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--max_num_seqs", "256"],  # vLLM turns _ into - before parsing
+        ["--max-num-seqs=256"],
+        ["--max_num_seqs=256"],
+        ["--max-num-se", "7"],  # argparse takes an unambiguous prefix
+        ["--scheduling_policy", "fcfs"],
+        ["--schedulin", "fcfs"],
+        ["--scheduler_cls", "x.Y"],
+        ["--config", "vllm.yaml"],  # could set any of them
+        ["--config=vllm.yaml"],
+        ["--uds", "/tmp/sock"],  # vLLM would not listen where the guard connects
+        ["--enforce-eager", "--host=0.0.0.0"],
+    ],
+)
+def test_every_spelling_of_an_owned_argument_is_refused(args):
+    with pytest.raises(ValueError, match="is set by vllm-guard"):
+        vllm_command("m", 1, 4, args)
+
+
+def test_other_vllm_arguments_pass_unchanged():
+    extra = ["--enforce-eager", "--max-model-len", "512", "--config-format", "hf", "--dtype=half"]
+    assert vllm_command("m", 1, 4, extra)[-len(extra) :] == extra
+
+
 def test_owned_vllm_arguments_are_refused_after_the_separator():
     with pytest.raises(ValueError, match="--max-num-seqs is set by vllm-guard"):
         vllm_command("m", 1, 4, ["--max-num-seqs=8"])

@@ -38,9 +38,12 @@ from vllm_guard.engine.state import EngineState
 
 log = logging.getLogger("vllm_guard.engine.launcher")
 
-# Arguments the launcher owns: passing them after `--` would break the guard's accounting.
+# Arguments the launcher owns: passing them after `--` would break the guard's accounting
+# (`--uds`: vLLM would listen where the guard does not connect; `--config`: a file of vLLM
+# arguments that could set any of the others).
 _OWNED_ARGS = (
     "--model", "--host", "--port", "--max-num-seqs", "--scheduling-policy", "--scheduler-cls",
+    "--uds", "--config",
 )  # fmt: skip
 _STOP_GRACE_S = 15.0
 _BACKOFF_MAX_S = 30.0
@@ -76,11 +79,14 @@ def vllm_command(
     """vLLM's API server command line; `scheduler_cls`: a `--scheduler-cls` to load
     (engine.scheduler: guard)."""
     for arg in extra_args:
-        name = arg.split("=", 1)[0]
-        if name in _OWNED_ARGS:
+        owned = owned_argument(arg)
+        if owned is not None:
+            spelled = arg.split("=", 1)[0]
             raise ValueError(
-                f"{name} is set by vllm-guard (use --model, --vllm-port, and engine.max_num_seqs "
-                "or engine.scheduler in the config); remove it from the arguments after --"
+                f"{spelled if spelled == owned else f'{spelled} ({owned})'} is set by "
+                "vllm-guard (use --model, "
+                "--vllm-port, and engine.max_num_seqs or engine.scheduler in the config); "
+                "remove it from the arguments after --"
             )
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -100,11 +106,25 @@ def vllm_command(
             "--max-model-len": str(MAX_MODEL_LEN),
             "--dtype": "bfloat16",
         }
-        given = {a.split("=", 1)[0] for a in extra_args}
+        given = {a.split("=", 1)[0].replace("_", "-") for a in extra_args}
         for flag, value in defaults.items():
             if flag not in given:
                 cmd += [flag, value]
     return cmd + list(extra_args)
+
+
+def owned_argument(arg: str) -> str | None:
+    """The owned option `arg` names, spelled as vLLM's parser would read it: `_` and `-`
+    alike in the name (vLLM's FlexibleArgumentParser rewrites one into the other), `=VALUE`
+    or not, and any prefix of the name (argparse accepts an unambiguous abbreviation; an
+    ambiguous one vLLM refuses anyway). None: not one of the launcher's."""
+    if not arg.startswith("--") or arg == "--":
+        return None
+    name = arg.split("=", 1)[0].split(".", 1)[0].replace("_", "-")
+    for owned in _OWNED_ARGS:
+        if owned == name or (len(name) > 3 and owned.startswith(name)):
+            return owned
+    return None
 
 
 def vllm_env(base: Mapping[str, str], tiny: bool) -> dict[str, str]:
