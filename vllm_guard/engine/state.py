@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from vllm_guard.upstream.answers import dig, parse_json
+
 log = logging.getLogger("vllm_guard.engine.state")
 
 
@@ -58,8 +60,12 @@ async def detect_scheduling_policy(base_url: str) -> str | None:
         ):
             if resp.status != 200:
                 return None
-            info = await resp.json()
-    except (aiohttp.ClientError, TimeoutError, ValueError):
+            info = parse_json(await resp.read())
+    except (aiohttp.ClientError, TimeoutError):
         return None
-    policy = (info.get("vllm_config") or {}).get("scheduler_config", {}).get("policy")
-    return str(policy) if policy else None
+    policy = dig(info, "vllm_config", "scheduler_config", "policy")
+    if not isinstance(policy, str) or not policy:
+        if info is not None:
+            log.warning("the upstream's /server_info has no scheduling policy where expected")
+        return None
+    return policy

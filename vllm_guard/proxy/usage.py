@@ -9,20 +9,18 @@ without speculative decoding and an upper bound with it).
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 from vllm_guard.core.cost import Estimate
+from vllm_guard.upstream.answers import count, dig, parse_json
 
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
 def usage_total(usage: Any) -> int | None:
     if isinstance(usage, dict):
-        total = usage.get("total_tokens")
-        if type(total) is int:
-            return total
+        return count(usage.get("total_tokens"))
     return None
 
 
@@ -62,10 +60,7 @@ class UsageTap:
     def _is_usage_only(self, event: bytes) -> bool:
         if not event.startswith(b"data: {") or _USAGE_OBJECT.search(event) is None:
             return False
-        try:
-            obj = json.loads(event[6:])
-        except ValueError:
-            return False
+        obj = parse_json(event[6:])
         usage = obj.get("usage") if isinstance(obj, dict) else None
         if not isinstance(usage, dict):
             return False
@@ -89,10 +84,7 @@ def asked_for_usage(payload: dict[str, Any]) -> bool:
 
 def usage_of_body(data: bytes) -> int | None:
     """`usage.total_tokens` of a whole (non-streamed) answer, if it has one."""
-    try:
-        return usage_total(json.loads(data).get("usage"))
-    except (ValueError, AttributeError):
-        return None
+    return usage_total(dig(parse_json(data), "usage"))
 
 
 class RequestUsage:

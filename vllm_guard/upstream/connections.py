@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 
 from vllm_guard.config import GuardSettings
+from vllm_guard.upstream.answers import count, dig, parse_json
 from vllm_guard.upstream.h1client import Pool, Response, split_base_url
 
 # Request headers a client may pass on to vLLM. Everything else is dropped: hop-by-hop
@@ -73,10 +74,8 @@ class Upstream:
                 timeout=_TOKENIZE_TIMEOUT,
             ) as resp:
                 if resp.status == 200:
-                    count = (await resp.json()).get("count")
-                    if type(count) is int:
-                        return count
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                    return count(dig(parse_json(await resp.read()), "count"))
+        except (aiohttp.ClientError, OSError, TimeoutError):
             pass
         finally:
             self._tokenize_free += 1

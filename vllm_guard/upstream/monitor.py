@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from vllm_guard.upstream.answers import count, dig, finite, parse_json
+
 log = logging.getLogger("vllm_guard.upstream.monitor")
 
 _USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
@@ -88,7 +90,7 @@ def _value(rest: str) -> float | None:
     """The sample value after the label set (`...} 1.5` or `...} 1.5 1700000000000`)."""
     fields = rest.rpartition("}")[2].split()
     try:
-        return float(fields[0]) if fields else None
+        return finite(float(fields[0])) if fields else None
     except ValueError:
         return None
 
@@ -104,10 +106,10 @@ def _capacity(labels: dict[str, str]) -> int | None:
 
 def _positive_int(text: str | None) -> int | None:
     try:
-        value = int(float(text)) if text is not None else 0
+        value = finite(float(text)) if text is not None else None
     except ValueError:
         return None
-    return value if value > 0 else None
+    return int(value) if value is not None and value >= 1 else None
 
 
 def _int(value: float | None) -> int | None:
@@ -192,7 +194,8 @@ async def _max_model_len(session: aiohttp.ClientSession, base_url: str) -> int |
     async with session.get(base_url + "/v1/models") as resp:
         if resp.status != 200:
             return None
-        data = (await resp.json()).get("data") or []
-    lengths = [m.get("max_model_len") for m in data if isinstance(m, dict)]
-    valid = [n for n in lengths if type(n) is int and n > 0]
+        data = dig(parse_json(await resp.read()), "data")
+    if not isinstance(data, list):
+        return None
+    valid = [n for m in data if (n := count(dig(m, "max_model_len")))]
     return min(valid) if valid else None
