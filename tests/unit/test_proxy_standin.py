@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import struct
 import subprocess
@@ -33,16 +34,18 @@ tenants:
 
 
 @contextlib.contextmanager
-def _guard_process(tmp_path: Path, config_text: str) -> Iterator[tuple[int, Path]]:
-    """A stand-in engine in streaming mode "big", `vllm-guard proxy` before it: the guard's
-    port and the processes' log."""
+def _guard_process(
+    tmp_path: Path, config_text: str, mode: str = "big"
+) -> Iterator[tuple[int, Path, subprocess.Popen[bytes]]]:
+    """A stand-in engine in `mode` (streaming mode "big" by default), `vllm-guard proxy`
+    before it: the guard's port, the processes' log, the guard process."""
     engine_port, guard_port = free_port(), free_port()
     config = tmp_path / "limits.yaml"
     config.write_text(config_text)
     log = tmp_path / "processes.log"
     engine_cmd = [
         sys.executable, "-m", "tests.unit.fake_upstream", "--port", str(engine_port),
-        "--mode", "big",
+        "--mode", mode,
     ]  # fmt: skip
     with open(log, "ab") as out:
         engine = subprocess.Popen(engine_cmd, stdout=out, stderr=out)
@@ -51,7 +54,7 @@ def _guard_process(tmp_path: Path, config_text: str) -> Iterator[tuple[int, Path
     try:
         wait_healthy(upstream, engine, 30, log)
         wait_healthy(f"http://127.0.0.1:{guard_port}", guard, 30, log)
-        yield guard_port, log
+        yield guard_port, log, guard
     finally:
         for proc in (guard, engine):
             stop(proc, 10)
@@ -59,8 +62,8 @@ def _guard_process(tmp_path: Path, config_text: str) -> Iterator[tuple[int, Path
 
 @pytest.fixture
 def guarded(tmp_path) -> Iterator[tuple[int, Path]]:
-    with _guard_process(tmp_path, CONFIG) as guard:
-        yield guard
+    with _guard_process(tmp_path, CONFIG) as (port, log, _proc):
+        yield port, log
 
 
 def _stalled_stream(port: int, size: int) -> socket.socket:
@@ -125,8 +128,8 @@ BOUNDED = CONFIG.replace(
 
 @pytest.fixture(scope="module")
 def bounded(tmp_path_factory) -> Iterator[tuple[int, Path]]:
-    with _guard_process(tmp_path_factory.mktemp("bounded"), BOUNDED) as guard:
-        yield guard
+    with _guard_process(tmp_path_factory.mktemp("bounded"), BOUNDED) as (port, log, _proc):
+        yield port, log
 
 
 def _exchange(port: int, data: bytes, wait_s: float = 5.0) -> tuple[bytes, float]:
@@ -233,3 +236,73 @@ def test_a_client_that_stops_reading_a_stream_is_dropped_and_releases_its_slot(b
         )
     finally:
         sock.close()
+
+
+ONE_SLOT = """
+engine: {max_num_seqs: 1, queue_ahead: 0, kv_admission: false, scheduler: vllm}
+guard: {drain_timeout_s: 10, unavailable_retry_after_s: 7}
+classes:
+  interactive: {vllm_priority: 0, max_queue: 100, max_wait_s: 60}
+tenants:
+  chat-ui: {class: interactive, api_keys: ["env:CHAT_UI_KEY"]}
+"""
+
+
+def test_a_drain_answers_queued_requests_at_once_with_a_json_503(tmp_path):
+    """SIGTERM while one request runs (the stand-in engine holds it) and three wait for its
+    slot: the waiting ones get the OpenAI-format 503 with retry-after at once, not uvicorn's
+    plain-text 500 when the drain timeout ends."""
+    with _guard_process(tmp_path, ONE_SLOT, mode="hang") as (port, _log, proc):
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        headers = {"authorization": "Bearer chat-secret"}
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
+
+        async def run() -> list[tuple[int, str, float, dict]]:
+            async with httpx.AsyncClient(timeout=30) as client:
+
+                async def one() -> tuple[int, str, float, dict]:
+                    r = await client.post(url, json=body, headers=headers)
+                    return (
+                        r.status_code,
+                        r.headers.get("retry-after", ""),
+                        time.monotonic(),
+                        (
+                            r.json()
+                            if r.headers.get("content-type", "").startswith("application/json")
+                            else {"raw": r.text}
+                        ),
+                    )
+
+                holder = asyncio.create_task(one())
+                await asyncio.sleep(0.5)  # it holds the slot
+                queued = [asyncio.create_task(one()) for _ in range(3)]
+                await asyncio.sleep(0.5)  # they wait in the guard's queue
+                proc.send_signal(signal.SIGTERM)
+                sent = time.monotonic()
+                done = await asyncio.gather(*queued)
+                holder.cancel()
+                return [(s, ra, t - sent, j) for s, ra, t, j in done]
+
+        for status, retry_after, after_s, payload in asyncio.run(run()):
+            assert status == 503, payload
+            assert payload["error"]["code"] == "shutting_down"
+            assert retry_after == "7"
+            assert after_s < 2.0
+
+
+def test_sighup_does_not_end_the_guard_or_its_streams(tmp_path):
+    with _guard_process(tmp_path, ONE_SLOT, mode="slow") as (port, log, proc):
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 4, "stream": True}
+        with httpx.stream(
+            "POST", url, json=body, headers={"authorization": "Bearer chat-secret"}, timeout=30
+        ) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+            proc.send_signal(signal.SIGHUP)
+            rest = list(lines)
+        assert rest[-2:] == ["data: [DONE]", ""] or "data: [DONE]" in rest
+        time.sleep(0.5)
+        assert proc.poll() is None, log.read_text()[-2000:]
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        assert "SIGHUP" in log.read_text()

@@ -22,6 +22,7 @@ from vllm_guard.proxy.responses import ErrorResponse
 class RefusalReason(enum.Enum):
     QUEUE_FULL = "queue_full"
     QUEUE_TIMEOUT = "queue_timeout"
+    SHUTTING_DOWN = "shutting_down"
 
 
 class Refused(Exception):
@@ -35,8 +36,13 @@ class Refused(Exception):
 
 
 class Gate:
-    def __init__(self, admission: Admission, clock: Clock | None = None) -> None:
+    def __init__(
+        self, admission: Admission, clock: Clock | None = None, drain_retry_after_s: float = 5.0
+    ) -> None:
+        """`drain_retry_after_s`: the retry-after of requests refused by a drain."""
         self.admission = admission
+        self.draining = False
+        self._drain_retry_after_s = drain_retry_after_s
         self._clock = clock or LoopClock()
         self._timers: dict[int, TimerHandle] = {}
 
@@ -49,6 +55,8 @@ class Gate:
         kv: int = 0,
         seqs: int = 1,
     ) -> Ticket:
+        if self.draining:
+            raise Refused(RefusalReason.SHUTTING_DOWN, priority_class, self._drain_retry_after_s)
         decision, ticket = self.admission.enter(
             priority_class, self._clock.now(), tenant, cost, weight, kv, seqs
         )
@@ -68,8 +76,21 @@ class Gate:
                 self.wake(self.admission.cancel(ticket))
             raise
         if ticket.state is TicketState.EXPIRED:
+            if self.draining:
+                raise Refused(
+                    RefusalReason.SHUTTING_DOWN, priority_class, self._drain_retry_after_s
+                )
             raise self._refusal(RefusalReason.QUEUE_TIMEOUT, priority_class)
         return ticket
+
+    def drain(self) -> None:
+        """The server stops: refuse every waiter now (503, shutting_down) and any new
+        request; admitted ones run on until the drain timeout."""
+        if self.draining:
+            return
+        self.draining = True
+        for ticket in self.admission.expire(math.inf):
+            _wake(ticket)
 
     def release(self, ticket: Ticket) -> None:
         """Give an admitted ticket's slot back and wake whoever it admits."""
@@ -131,9 +152,14 @@ def refusal_responses(
             f"No engine slot became free for class {c.name!r} within its max_wait_s of "
             f"{c.max_wait_s:g} s; retry after the delay in the retry-after header."
         )
+        stopping = (
+            "vllm-guard is shutting down; retry after the delay in the retry-after header "
+            "(another replica, or this one once it is back)."
+        )
         for reason, message in (
             (RefusalReason.QUEUE_FULL, full),
             (RefusalReason.QUEUE_TIMEOUT, timeout),
+            (RefusalReason.SHUTTING_DOWN, stopping),
         ):
             out[c.name, reason] = ErrorResponse(503, message, "service_unavailable", reason.value)
     return out

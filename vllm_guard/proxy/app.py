@@ -65,7 +65,7 @@ class GuardApp:
             config.classes,
             eng.kv_capacity_tokens if eng.kv_admission else None,
         )
-        self.gate = Gate(self.admission, self.clock)
+        self.gate = Gate(self.admission, self.clock, config.guard.unavailable_retry_after_s)
         self.monitor = EngineMonitor(
             upstream.base_url,
             self.engine_sample,

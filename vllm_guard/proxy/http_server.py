@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -50,8 +51,11 @@ class _Refuse(Exception):
         self.response = response
 
 
-def protocol_class(settings: GuardSettings, retry_after_s: int) -> type[HttpToolsProtocol]:
-    """The protocol class for uvicorn's `http=`, with the bounds in `settings`."""
+def protocol_class(
+    settings: GuardSettings, retry_after_s: int, on_drain: Callable[[], None] | None = None
+) -> type[HttpToolsProtocol]:
+    """The protocol class for uvicorn's `http=`, with the bounds in `settings`; `on_drain`
+    is called when the server starts draining (uvicorn shuts each connection down)."""
     head_too_large = _canned(
         b"431 Request Header Fields Too Large",
         f"Request head larger than {settings.max_header_bytes} bytes or with more than "
@@ -105,6 +109,11 @@ def protocol_class(settings: GuardSettings, retry_after_s: int) -> type[HttpTool
                 self._answer_and_close(too_many)
                 return
             self._arm(settings.header_timeout_s, head_timeout)
+
+        def shutdown(self) -> None:
+            if on_drain is not None:
+                on_drain()  # first: queued requests are answered before their connections
+            super().shutdown()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()

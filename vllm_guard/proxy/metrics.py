@@ -38,6 +38,7 @@ class Outcome(enum.StrEnum):
     OK = "ok"  # the engine answered (any status it chose)
     QUEUE_FULL = "queue_full"  # refused: the class's queue was full
     QUEUE_TIMEOUT = "queue_timeout"  # refused: waited max_wait_s without a slot
+    SHUTTING_DOWN = "shutting_down"  # refused: waiting (or arriving) when a drain began
     WAITING_MEMORY_FULL = "waiting_memory_full"  # refused: max_waiting_body_bytes reached
     ENGINE_UNAVAILABLE = "engine_unavailable"
     UPSTREAM_ERROR = "upstream_error"  # connection lost or timed out after admission

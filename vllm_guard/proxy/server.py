@@ -42,7 +42,9 @@ def _uvicorn_server(app: GuardApp, host: str, port: int) -> uvicorn.Server:
         host=host,
         port=port,
         loop="none",
-        http=protocol_class(app.config.guard, app.config.guard.unavailable_retry_after_s),
+        http=protocol_class(
+            app.config.guard, app.config.guard.unavailable_retry_after_s, app.gate.drain
+        ),
         lifespan="on",
         access_log=False,
         server_header=False,
@@ -61,13 +63,22 @@ def _uvicorn_server(app: GuardApp, host: str, port: int) -> uvicorn.Server:
 def _signals_for_uvicorn():
     """uvicorn handles SIGINT/SIGTERM while serving (stop accepting, drain), then re-raises
     the signal into the handlers it found. Have those be no-ops, so the launcher still
-    stops vLLM after the drain instead of dying on the re-raised signal."""
+    stops vLLM after the drain instead of dying on the re-raised signal. SIGHUP, whose
+    default ends the process (a closed terminal, or an operator expecting a reload), is
+    logged and otherwise ignored."""
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup)
     try:
         yield
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _on_sighup() -> None:
+    log.warning("SIGHUP ignored: vllm-guard does not reload its config; restart it to apply one")
 
 
 async def serve_with_vllm(
