@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -137,6 +138,10 @@ class GuardSettings(BaseModel):
     max_concurrent_tokenize: Annotated[int, Field(ge=1, le=1024)] = 8
     """vLLM `/tokenize` calls the guard makes at once to count prompts; a request that
     finds them all busy is counted by a tokenizer-free estimate instead (never waits)."""
+    cache_salt_secret: str | None = None
+    """`env:VAR`: the secret tenants' prefix-cache salts are derived from. Unset: a random
+    one per start. Set it to the same secret on guard replicas in front of one engine, so
+    a tenant's cached prefixes serve it through any of them."""
     upstream_api_key: str | None = None
     """Key the guard presents to vLLM (`env:VAR`), when vLLM runs with `--api-key`."""
 
@@ -210,6 +215,11 @@ class TenantConfig(BaseModel):
     """The tenant's quota; unset takes its class's `default_limits` (or none)."""
     weight: Annotated[float, Field(gt=0, strict=False)] = 1.0
     """Share of its class's engine slots when tenants queue (weighted fair queueing)."""
+    share_prefix_cache: bool = False
+    """By default each tenant gets its own `cache_salt` in vLLM (no tenant can time whether
+    another sent a prefix recently). True: the tenant's requests go without one (a
+    `cache_salt` the client sends passes unchanged), sharing cached prefixes with every
+    other such tenant."""
 
 
 class GuardConfig(BaseModel):
@@ -282,6 +292,9 @@ class CompiledConfig:
     """SHA-256 digest of an API key -> its tenant."""
     anonymous: Tenant | None
     upstream_api_key: str | None
+    cache_salt_secret: bytes
+    """What tenants' prefix-cache salts are derived from (`guard.cache_salt_secret`, or
+    random per start)."""
     spec: GuardConfig
     """The validated file this was compiled from."""
 
@@ -338,7 +351,13 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
     digests: dict[bytes, Tenant] = {}
     for tname, t in cfg.tenants.items():
         limits = t.limits or cfg.classes[t.priority_class].default_limits
-        tenant = Tenant(tname, by_name[t.priority_class], _compile_limits(limits), t.weight)
+        tenant = Tenant(
+            tname,
+            by_name[t.priority_class],
+            _compile_limits(limits),
+            t.weight,
+            t.share_prefix_cache,
+        )
         tenants[tname] = tenant
         for i, ref in enumerate(t.api_keys):
             key = _resolve_secret(ref, env, source, ("tenants", tname, "api_keys", str(i)))
@@ -354,6 +373,12 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
     upstream_key = cfg.guard.upstream_api_key
     if upstream_key is not None:
         upstream_key = _resolve_secret(upstream_key, env, source, ("guard", "upstream_api_key"))
+    salt_ref = cfg.guard.cache_salt_secret
+    salt_secret = (
+        _resolve_secret(salt_ref, env, source, ("guard", "cache_salt_secret")).encode()
+        if salt_ref is not None
+        else secrets.token_bytes(32)
+    )
     anon = tenants[cfg.guard.anonymous_tenant] if cfg.guard.anonymous_tenant else None
     return CompiledConfig(
         source=source,
@@ -366,6 +391,7 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
         key_digests=digests,
         anonymous=anon,
         upstream_api_key=upstream_key,
+        cache_salt_secret=salt_secret,
         spec=cfg,
     )
 

@@ -301,3 +301,60 @@ async def test_bodies_of_waiting_requests_are_bounded(fake):
         assert r.status == 200
     finally:
         await app.upstream.close()
+
+
+# -- each tenant its own prefix cache (cache_salt) -------------------------------------
+
+SHARED = BASE_CONFIG.replace(
+    '  nightly-etl: {class: batch, api_keys: ["env:ETL_KEY"]}',
+    '  nightly-etl: {class: batch, api_keys: ["env:ETL_KEY"]}\n'
+    '  shared: {class: batch, api_keys: ["env:SHARED_KEY"], share_prefix_cache: true}',
+)
+
+
+async def _salts(fake, config_text: str, calls) -> list:
+    keys = {**KEYS, "SHARED_KEY": "shared-secret"}
+    app = ready_app(parse_config(config_text, "test.yaml", keys), fake)
+    try:
+        out = []
+        for headers, body in calls:
+            r = await call(app, "POST", "/v1/completions", headers, {**BODY, **body})
+            assert r.status == 200, r.body
+            out.append(fake.requests[-1][1].get("cache_salt"))
+        return out
+    finally:
+        await app.upstream.close()
+
+
+async def test_each_tenant_gets_its_own_cache_salt_and_cannot_pick_another_one(fake):
+    a, a_again, b, a_salted, b_salted = await _salts(
+        fake,
+        BASE_CONFIG,
+        [
+            (CHAT, {}),
+            (CHAT, {}),
+            (ETL, {}),
+            (CHAT, {"cache_salt": "x"}),
+            (ETL, {"cache_salt": "x"}),
+        ],
+    )
+    assert a and b and a == a_again and a != b  # stable per tenant, different between them
+    assert a_salted not in (a, b, "x") and b_salted not in (a, b, a_salted)
+    for salt in (a, b, a_salted):  # what vLLM accepts
+        assert len(salt) <= 128 and not set(salt) & set("/@\\\0")
+    # A client that sends tenant B's salt as its own still gets a salt of its own.
+    (stolen,) = await _salts(fake, BASE_CONFIG, [(CHAT, {"cache_salt": b})])
+    assert stolen != b
+
+
+async def test_a_tenant_that_shares_the_prefix_cache_gets_no_salt(fake):
+    shared = {"Authorization": "Bearer shared-secret"}
+    plain, own = await _salts(fake, SHARED, [(shared, {}), (shared, {"cache_salt": "team"})])
+    assert plain is None
+    assert own == "team"  # its own salt passes through unchanged
+
+
+async def test_a_cache_salt_that_is_not_a_string_is_a_400(app, fake):
+    r = await call(app, "POST", "/v1/completions", CHAT, {**BODY, "cache_salt": 5})
+    assert r.status == 400
+    assert r.json()["error"]["param"] == "cache_salt"

@@ -47,3 +47,5 @@ class Tenant:
     limits: Limits | None = None
     """None: no quota at all (nothing is counted for the tenant)."""
     weight: float = 1.0
+    share_prefix_cache: bool = False
+    """No tenant-own `cache_salt`: shares vLLM's cached prefixes with other such tenants."""

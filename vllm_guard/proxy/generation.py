@@ -32,6 +32,7 @@ from vllm_guard.proxy import responses
 from vllm_guard.proxy.admission_gate import Gate, Refused, refusal_responses, retry_after_header
 from vllm_guard.proxy.auth import Authenticator
 from vllm_guard.proxy.body import ParsedRequest, dump, parse_request
+from vllm_guard.proxy.cache_salt import CacheSalts
 from vllm_guard.proxy.charge import QuotaCharge, ratelimit_headers
 from vllm_guard.proxy.classify import clamp_priority, resolve_class
 from vllm_guard.proxy.clock import Clock
@@ -82,6 +83,7 @@ class Generation:
         self.monitor = monitor
         self.clock = clock
         self.auth = Authenticator(config.key_digests, config.anonymous)
+        self.cache_salts = CacheSalts(config.cache_salt_secret, config.tenants.values())
         self._unavailable_headers = [
             (b"retry-after", str(config.guard.unavailable_retry_after_s).encode())
         ]
@@ -165,6 +167,12 @@ class Generation:
             await priority.send(send)
             return False
         payload["priority"] = priority
+        salt = self.cache_salts.for_request(req.tenant, payload.get("cache_salt"))
+        if isinstance(salt, responses.ErrorResponse):
+            await salt.send(send)
+            return False
+        if salt is not None:
+            payload["cache_salt"] = salt
         max_seqs = self.admission.max_seqs(req.priority_class)
         if request.sequences > max_seqs:
             await _too_many_sequences(request, req.priority_class, max_seqs).send(send)
