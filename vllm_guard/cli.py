@@ -18,6 +18,7 @@ from vllm_guard.core.classes import Tenant
 
 if TYPE_CHECKING:
     from vllm_guard.engine.preemption import PreemptionPolicy
+    from vllm_guard.proxy.server import Listen
 
 log = logging.getLogger("vllm_guard.cli")
 
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         help="address to serve the guard on (default 127.0.0.1; 0.0.0.0 for all)",
     )
     s.add_argument("--port", type=int, default=8000, help="guard port (default 8000)")
+    _metrics_arguments(s)
     s.add_argument(
         "--vllm-port",
         type=int,
@@ -96,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--config", type=Path, help=_CONFIG_HELP)
     x.add_argument("--host", default="127.0.0.1", help="address to serve the guard on")
     x.add_argument("--port", type=int, default=8000, help="guard port (default 8000)")
+    _metrics_arguments(x)
 
     c = sub.add_parser("check-config", help="validate a limits file and print what it compiles to")
     c.add_argument("file", type=Path)
@@ -276,8 +279,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from vllm_guard.proxy import server
 
+    if (args.metrics_port or config.guard.metrics_port) == args.port:
+        print("vllm-guard: the metrics port must differ from --port", file=sys.stderr)
+        return 2
     if args.command == "proxy":
-        return server.run(lambda: server.serve_proxy(config, args.upstream, args.host, args.port))
+        listen = _listen(args, config)
+        return server.run(lambda: server.serve_proxy(config, args.upstream, listen))
 
     from vllm_guard.engine.launcher import (
         VllmSupervisor,
@@ -317,12 +324,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return server.run(
             lambda: server.serve_with_vllm(
-                config, supervisor, engine, args.host, args.port, plugin_metrics
+                config, supervisor, engine, _listen(args, config), plugin_metrics
             )
         )
     finally:
         if plugin_dir is not None:
             shutil.rmtree(plugin_dir, ignore_errors=True)
+
+
+def _metrics_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics and /metrics/engine only on this port, and 404 for them on the "
+        "public one (default: guard.metrics_port in the config; unset: the public port)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        help="address of --metrics-port (default: guard.metrics_host, 127.0.0.1)",
+    )
+
+
+def _listen(args: argparse.Namespace, config: CompiledConfig) -> Listen:
+    from vllm_guard.proxy.server import Listen
+
+    guard = config.guard
+    return Listen(
+        args.host,
+        args.port,
+        args.metrics_host or guard.metrics_host,
+        args.metrics_port or guard.metrics_port,
+    )
 
 
 _UNSET_SCHEDULER = "unset (serve: guard where vLLM supports it; proxy: vllm)"

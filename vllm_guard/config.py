@@ -138,6 +138,12 @@ class GuardSettings(BaseModel):
     max_concurrent_tokenize: Annotated[int, Field(ge=1, le=1024)] = 8
     """vLLM `/tokenize` calls the guard makes at once to count prompts; a request that
     finds them all busy is counted by a tokenizer-free estimate instead (never waits)."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics port (`metrics_port`); `--metrics-host` overrides it."""
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    """Serve /metrics and /metrics/engine only on this port (the public port then answers
+    404 for them: tenant names, per-tenant counters and the engine's config stay off the
+    network clients reach). Unset: on the public port. `--metrics-port` overrides it."""
     cache_salt_secret: str | None = None
     """`env:VAR`: the secret tenants' prefix-cache salts are derived from. Unset: a random
     one per start. Set it to the same secret on guard replicas in front of one engine, so

@@ -46,7 +46,7 @@ class Stack(testing.Stack):
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=KEYS[key], **kw)
 
     def guard_metric(self, name: str, labels: str = "") -> float:
-        return _metric(httpx.get(self.url + "/metrics", timeout=30).text, name, labels)
+        return _metric(httpx.get(self.metrics_url + "/metrics", timeout=30).text, name, labels)
 
     async def aguard_metric(self, name: str, labels: str = "") -> float:
         """For async tests: a blocking scrape would stall the loop their requests run on."""
@@ -98,6 +98,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         config_path=CONFIG,
         keys=KEYS,
         vllm_args=("--enforce-eager",),
+        metrics_port=testing.free_port(),  # as configs/prometheus expects: not the public port
     )
     s.start()
     try:

@@ -44,7 +44,8 @@ def _need(tool: str) -> str:
 def prometheus(stack, tmp_path_factory):
     binary = _need("prometheus")
     work = tmp_path_factory.mktemp("prometheus")
-    guard = stack.url.removeprefix("http://")
+    guard = stack.metrics_url.removeprefix("http://")
+    assert guard != stack.url.removeprefix("http://")  # the session's stack has a metrics port
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     for job in config["scrape_configs"]:

@@ -35,7 +35,7 @@ tenants:
 
 @contextlib.contextmanager
 def _guard_process(
-    tmp_path: Path, config_text: str, mode: str = "big"
+    tmp_path: Path, config_text: str, mode: str = "big", extra_args: tuple[str, ...] = ()
 ) -> Iterator[tuple[int, Path, subprocess.Popen[bytes]]]:
     """A stand-in engine in `mode` (streaming mode "big" by default), `vllm-guard proxy`
     before it: the guard's port, the processes' log, the guard process."""
@@ -50,7 +50,7 @@ def _guard_process(
     with open(log, "ab") as out:
         engine = subprocess.Popen(engine_cmd, stdout=out, stderr=out)
     upstream = f"http://127.0.0.1:{engine_port}"
-    guard = start_proxy(upstream, config, guard_port, KEYS, log)
+    guard = start_proxy(upstream, config, guard_port, KEYS, log, extra_args=extra_args)
     try:
         wait_healthy(upstream, engine, 30, log)
         wait_healthy(f"http://127.0.0.1:{guard_port}", guard, 30, log)
@@ -306,3 +306,27 @@ def test_sighup_does_not_end_the_guard_or_its_streams(tmp_path):
         assert proc.poll() is None, log.read_text()[-2000:]
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
         assert "SIGHUP" in log.read_text()
+
+
+@pytest.mark.parametrize("where", ["flag", "config"])
+def test_metrics_on_a_port_of_their_own_are_not_on_the_public_one(tmp_path, where):
+    metrics_port = free_port()
+    config, args = CONFIG, ("--metrics-port", str(metrics_port))
+    if where == "config":
+        config, args = CONFIG + f"guard: {{metrics_port: {metrics_port}}}\n", ()
+    with _guard_process(tmp_path, config, mode="ok", extra_args=args) as (port, _log, _proc):
+        public, private = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}"
+        r = httpx.post(
+            public + "/v1/completions",
+            json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+            headers={"authorization": "Bearer chat-secret"},
+        )
+        assert r.status_code == 200
+        for path in ("/metrics", "/metrics/engine"):
+            assert httpx.get(public + path).status_code == 404
+        metrics = httpx.get(private + "/metrics")
+        assert metrics.status_code == 200
+        assert 'vllm_guard_tenant_requests_total{tenant="chat-ui"} 1.0' in metrics.text
+        assert httpx.get(private + "/metrics/engine").status_code in (200, 503)
+        assert httpx.get(private + "/v1/models").status_code == 404
+        assert httpx.get(public + "/health").status_code == 200

@@ -52,9 +52,13 @@ class GuardApp:
         admission: Admission | None = None,
         clock: Clock | None = None,
         scheduler_metrics_file: Path | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         """`clock`: "now" and the waiters' timers (the event loop's unless a test injects
-        a manual one); `scheduler_metrics_file`: the scheduler plugin's metrics (serve)."""
+        a manual one); `scheduler_metrics_file`: the scheduler plugin's metrics (serve);
+        `metrics_port`: the port that alone serves /metrics and /metrics/engine (None: the
+        public one does)."""
+        self.metrics_port = metrics_port
         self.clock = clock or LoopClock()
         self.config = config
         self.upstream = upstream
@@ -112,6 +116,12 @@ class GuardApp:
         if kind == "http":
             path = scope["path"]
             method = scope["method"]
+            if self.metrics_port is not None:  # metrics on a port of their own
+                server = scope.get("server")
+                if server is not None and server[1] == self.metrics_port:
+                    return await self._metrics_only(path, send)
+                if path.startswith("/metrics"):
+                    return await responses.NOT_FOUND.send(send)
             if path in GENERATION_PATHS:
                 if method != "POST":
                     return await responses.METHOD_NOT_ALLOWED.send(send)
@@ -120,15 +130,23 @@ class GuardApp:
                 return await self._models(scope, send)
             if path == "/health":
                 return await self._health(send)
-            if path == "/metrics":
-                body, content_type = render(self.metrics.registry)
-                return await responses.send_body(send, 200, body, content_type)
-            if path == "/metrics/engine":
-                return await self._engine_metrics(send)
+            if path.startswith("/metrics"):
+                return await self._metrics_only(path, send)
             return await responses.NOT_FOUND.send(send)
         if kind == "lifespan":
             return await self._lifespan(receive, send)
         return None
+
+    async def _metrics_only(self, path: str, send: Any) -> None:
+        """`/metrics` (the guard's) and `/metrics/engine` (vLLM's, as last read)."""
+        if path == "/metrics":
+            body, content_type = render(self.metrics.registry)
+            return await responses.send_body(send, 200, body, content_type)
+        if path == "/metrics/engine":
+            return await self._engine_metrics(send)
+        if path == "/health":
+            return await self._health(send)
+        return await responses.NOT_FOUND.send(send)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:

@@ -7,7 +7,9 @@ import contextlib
 import logging
 import math
 import signal
+import socket
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,42 @@ def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         factory = asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main())
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where the guard listens: the public address, and a separate one for /metrics and
+    /metrics/engine when `metrics_port` is set (then the public port answers 404 there)."""
+
+    host: str
+    port: int
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+
+    def sockets(self) -> list[socket.socket] | None:
+        """The listening sockets when there are two; None: uvicorn binds host:port."""
+        if self.metrics_port is None:
+            return None
+        return [_bind(self.host, self.port), _bind(self.metrics_host, self.metrics_port)]
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.create_server((host, port), family=family, backlog=4096)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _serve(server: uvicorn.Server, listen: Listen) -> None:
+    sockets = listen.sockets()
+    if sockets is None:
+        await server.serve()
+        return
+    try:
+        await server.serve(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _uvicorn_server(app: GuardApp, host: str, port: int) -> uvicorn.Server:
@@ -85,14 +123,20 @@ async def serve_with_vllm(
     config: CompiledConfig,
     supervisor: VllmSupervisor,
     engine: EngineState,
-    host: str,
-    port: int,
+    listen: Listen,
     scheduler_metrics_file: Path | None = None,
 ) -> int:
     """`scheduler_metrics_file`: where vLLM runs the scheduler plugin, the file it was told
     to write its metrics to."""
     upstream = Upstream(supervisor.base_url, config.guard, config.upstream_api_key)
-    app = GuardApp(config, upstream, engine, scheduler_metrics_file=scheduler_metrics_file)
+    app = GuardApp(
+        config,
+        upstream,
+        engine,
+        scheduler_metrics_file=scheduler_metrics_file,
+        metrics_port=listen.metrics_port,
+    )
+    host, port = listen.host, listen.port
     server = _uvicorn_server(app, host, port)
     exit_code = 0
 
@@ -125,17 +169,17 @@ async def serve_with_vllm(
         assert supervisor.first_ready is not None
         supervisor.first_ready.add_done_callback(on_first_ready)
         try:
-            await server.serve()
+            await _serve(server, listen)
         finally:
             await supervisor.stop()
     return exit_code
 
 
-async def serve_proxy(config: CompiledConfig, upstream_url: str, host: str, port: int) -> int:
+async def serve_proxy(config: CompiledConfig, upstream_url: str, listen: Listen) -> int:
     engine = EngineState()
     upstream = Upstream(upstream_url, config.guard, config.upstream_api_key)
-    app = GuardApp(config, upstream, engine)
-    server = _uvicorn_server(app, host, port)
+    app = GuardApp(config, upstream, engine, metrics_port=listen.metrics_port)
+    server = _uvicorn_server(app, listen.host, listen.port)
     policy = await detect_scheduling_policy(upstream.base_url)
     if policy is None:
         log.warning(
@@ -166,7 +210,7 @@ async def serve_proxy(config: CompiledConfig, upstream_url: str, host: str, port
     poller = asyncio.create_task(poll_health(engine, upstream.base_url))
     with _signals_for_uvicorn():
         try:
-            await server.serve()
+            await _serve(server, listen)
         finally:
             poller.cancel()
     return 0

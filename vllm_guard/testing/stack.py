@@ -36,10 +36,13 @@ class Stack:
         key_vars: tuple[str, ...] = ("CHAT_UI_KEY", "ETL_KEY"),
         vllm_args: tuple[str, ...] = (),
         keys: Mapping[str, str] | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         """`keys`: use these (variable -> key) instead of making up one per `key_vars`,
-        e.g. for a second stack that must accept the first one's clients."""
+        e.g. for a second stack that must accept the first one's clients; `metrics_port`:
+        serve /metrics there (`--metrics-port`) rather than on the public port."""
         self.port = port or free_port()
+        self.metrics_port = metrics_port
         self.vllm_port = free_port()
         self.keys = dict(keys) if keys else {var: secrets.token_urlsafe(24) for var in key_vars}
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="vllm-guard-demo-"))
@@ -58,6 +61,11 @@ class Stack:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def metrics_url(self) -> str:
+        """Where /metrics and /metrics/engine are served."""
+        return f"http://127.0.0.1:{self.metrics_port}" if self.metrics_port else self.guard_url
+
+    @property
     def vllm_url(self) -> str:
         return f"http://127.0.0.1:{self.vllm_port}"
 
@@ -69,6 +77,8 @@ class Stack:
         ]  # fmt: skip
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
+        if self.metrics_port is not None:
+            cmd += ["--metrics-port", str(self.metrics_port)]
         if self.vllm_args:
             cmd += ["--", *self.vllm_args]
         with open(self.guard_log, "ab") as out:
@@ -149,12 +159,15 @@ def start_proxy(
     cwd: Path | None = None,
     preexec_fn: Any = None,
     log_level: str = "info",
+    extra_args: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """`vllm-guard proxy` in front of an engine already running at `upstream_url`, as a
-    child process with `env` added to this one's (keys), its output in `log`."""
+    child process with `env` added to this one's (keys), its output in `log`; `extra_args`
+    go to `proxy`."""
     cmd = [
         sys.executable, "-m", "vllm_guard", "--log-level", log_level, "proxy",
         "--upstream", upstream_url, "--config", str(config_path), "--port", str(port),
+        *extra_args,
     ]  # fmt: skip
     out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
     try:
