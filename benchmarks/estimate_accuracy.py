@@ -95,13 +95,17 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 kind = "chat" if "messages" in body else "completion"
                 path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
                 req = {"model": "tiny", **body, "max_tokens": 1}
-                async with s.post(stack.vllm_url + path, json=req) as resp:
+                async with s.post(
+                    stack.vllm_url + path, json=req, headers=stack.engine_headers
+                ) as resp:
                     usage = (await resp.json())["usage"]["prompt_tokens"]
                 tok_body = {"model": "tiny", **body}
                 rtts, count = [], None
                 for _ in range(args.repeat):
                     t0 = time.perf_counter()
-                    async with s.post(stack.vllm_url + "/tokenize", json=tok_body) as resp:
+                    async with s.post(
+                        stack.vllm_url + "/tokenize", json=tok_body, headers=stack.engine_headers
+                    ) as resp:
                         count = (await resp.json())["count"]
                     rtts.append(time.perf_counter() - t0)
                 cpu = []

@@ -69,10 +69,10 @@ async def _scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
 
 
 async def _running_sampler(
-    session: aiohttp.ClientSession, vllm_url: str, out: list[tuple[float, float]]
+    session: aiohttp.ClientSession, stack: Stack, out: list[tuple[float, float]]
 ) -> None:
     while True:
-        sample = await engine_sample(session, vllm_url)
+        sample = await engine_sample(session, stack.vllm_url, stack.engine_headers)
         out.append((time.perf_counter(), sample.running or 0))
         await asyncio.sleep(0.25)
 
@@ -92,7 +92,7 @@ async def _one(stack: Stack, target: Target, plugin: bool, args: argparse.Namesp
         alone = await probes_alone(session, target, args.probes)
         m1 = await _scrape(session, stack.guard_url) if plugin else {}
         samples: list[tuple[float, float]] = []
-        sampler = asyncio.create_task(_running_sampler(session, stack.vllm_url, samples))
+        sampler = asyncio.create_task(_running_sampler(session, stack, samples))
         t0 = time.perf_counter()
         try:
             flood = await flood_with_probes(

@@ -86,6 +86,7 @@ async def _one(
         body,
         args.requests,
         stack.vllm_url,
+        stack.engine_headers,
         probe=lambda i: probe(session, target, i),
     )
     out = summary(r) | {"probes": summary_ms(r.probe_ttfts_s)}
@@ -107,7 +108,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         )
         on = {"vllm": reserved, "reserved": reserved, "plugin": plugin}
         async with new_session() as session:
-            prompt = await long_prompt(session, reserved.vllm_url, args.prompt_tokens)
+            prompt = await long_prompt(
+                session, reserved.vllm_url, args.prompt_tokens, reserved.engine_headers
+            )
             for rep, order in enumerate(rotations(args.reps)):
                 for name in order:
                     r = await _one(session, name, on[name], prompt, args)

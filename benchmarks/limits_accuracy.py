@@ -102,8 +102,10 @@ async def _client(
         done.append((charged, started, time.monotonic(), int(usage["total_tokens"])))
 
 
-async def _sample_running(vllm_url: str, stop: asyncio.Event, peaks: list[float]) -> None:
-    async with aiohttp.ClientSession() as s:
+async def _sample_running(
+    vllm_url: str, headers: dict[str, str], stop: asyncio.Event, peaks: list[float]
+) -> None:
+    async with aiohttp.ClientSession(headers=headers) as s:
         while not stop.is_set():
             async with s.get(vllm_url + "/metrics") as resp:
                 text = await resp.text()
@@ -134,7 +136,9 @@ async def _accuracy(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     errors: list[int] = []
     peaks: list[float] = []
     stop = asyncio.Event()
-    sampler = asyncio.create_task(_sample_running(stack.vllm_url, stop, peaks))
+    sampler = asyncio.create_task(
+        _sample_running(stack.vllm_url, stack.engine_headers, stop, peaks)
+    )
     start = time.monotonic()
     stop_at = start + args.duration
     timeout = aiohttp.ClientTimeout(total=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -293,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         vllm_command,
         vllm_env,
     )
+    from vllm_guard.engine.middleware import HEADER as ENGINE_KEY_HEADER
+    from vllm_guard.engine.middleware import KEY_ENV as ENGINE_KEY_ENV
     from vllm_guard.engine.plugin import METRICS_ENV, installed_vllm_version
     from vllm_guard.engine.preemption import POLICY_ENV
     from vllm_guard.engine.state import EngineState
@@ -312,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vllm-guard: {exc}", file=sys.stderr)
         return 2
     env = vllm_env(os.environ, tiny)
+    # The key vLLM's middleware requires (its environment, not argv, which `ps` shows).
+    engine_key = config.engine_key or os.environ.get(ENGINE_KEY_ENV) or secrets.token_urlsafe(32)
+    env[ENGINE_KEY_ENV] = engine_key
     plugin_dir = plugin_metrics = None
     if plugin is not None:  # the scheduler is built in vLLM's engine process: tell it there
         env[POLICY_ENV] = plugin_policy(config).to_env()
@@ -320,11 +326,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         env[METRICS_ENV] = str(plugin_metrics)
     engine = EngineState()
     nice = default_engine_nice() if args.engine_nice is None else args.engine_nice
-    supervisor = VllmSupervisor(cmd, env, port, engine, args.vllm_log, nice=nice)
+    supervisor = VllmSupervisor(
+        cmd, env, port, engine, args.vllm_log, nice=nice, headers={ENGINE_KEY_HEADER: engine_key}
+    )
     try:
         return server.run(
             lambda: server.serve_with_vllm(
-                config, supervisor, engine, _listen(args, config), plugin_metrics
+                config, supervisor, engine, _listen(args, config), plugin_metrics, engine_key
             )
         )
     finally:

@@ -148,6 +148,11 @@ class GuardSettings(BaseModel):
     """`env:VAR`: the secret tenants' prefix-cache salts are derived from. Unset: a random
     one per start. Set it to the same secret on guard replicas in front of one engine, so
     a tenant's cached prefixes serve it through any of them."""
+    engine_key: str | None = None
+    """`env:VAR`: the key the engine requires on every request (vLLM run with
+    `--middleware vllm_guard.engine.middleware.RequireGuardKey` and the same key in its
+    `VLLM_GUARD_ENGINE_KEY`). Proxy mode: set it when the upstream runs the middleware.
+    `serve` sets one up itself (this key, or `$VLLM_GUARD_ENGINE_KEY`, else a random one)."""
     upstream_api_key: str | None = None
     """Key the guard presents to vLLM (`env:VAR`), when vLLM runs with `--api-key`."""
 
@@ -298,6 +303,7 @@ class CompiledConfig:
     """SHA-256 digest of an API key -> its tenant."""
     anonymous: Tenant | None
     upstream_api_key: str | None
+    engine_key: str | None
     cache_salt_secret: bytes
     """What tenants' prefix-cache salts are derived from (`guard.cache_salt_secret`, or
     random per start)."""
@@ -379,6 +385,9 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
     upstream_key = cfg.guard.upstream_api_key
     if upstream_key is not None:
         upstream_key = _resolve_secret(upstream_key, env, source, ("guard", "upstream_api_key"))
+    engine_key = cfg.guard.engine_key
+    if engine_key is not None:
+        engine_key = _resolve_secret(engine_key, env, source, ("guard", "engine_key"))
     salt_ref = cfg.guard.cache_salt_secret
     salt_secret = (
         _resolve_secret(salt_ref, env, source, ("guard", "cache_salt_secret")).encode()
@@ -397,6 +406,7 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
         key_digests=digests,
         anonymous=anon,
         upstream_api_key=upstream_key,
+        engine_key=engine_key,
         cache_salt_secret=salt_secret,
         spec=cfg,
     )

@@ -53,7 +53,8 @@ class Stack(testing.Stack):
         return await asyncio.to_thread(self.guard_metric, name, labels)
 
     def vllm_metric(self, name: str) -> float:
-        return _metric(httpx.get(self.vllm_url + "/metrics", timeout=30).text, name, "")
+        text = httpx.get(self.vllm_url + "/metrics", headers=self.engine_headers, timeout=30).text
+        return _metric(text, name, "")
 
     def wait_idle(self, timeout_s: float = 30) -> None:
         """Until the guard holds and queues nothing and vLLM runs and waits for nothing."""

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 def proxy(stack, tmp_path_factory):
     log = tmp_path_factory.mktemp("proxy") / "proxy.log"
     port = free_port()
-    proc = start_proxy(stack.vllm_url, CONFIG, port, KEYS, log)
+    env = {**KEYS, "VLLM_GUARD_ENGINE_KEY": stack.engine_key}  # guard.engine_key in CONFIG
+    proc = start_proxy(stack.vllm_url, CONFIG, port, env, log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, 60, log)  # the proxy follows the upstream's /health every 2 s

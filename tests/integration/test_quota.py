@@ -104,14 +104,22 @@ async def test_usage_chunk_is_kept_when_the_client_asks_and_matches_the_estimate
     assert chunks[-1].usage.completion_tokens == 4
 
 
+def _count(stack, body: dict) -> int:
+    """vLLM's own count (straight to its port, with the guard's engine key)."""
+    r = httpx.post(
+        stack.vllm_url + "/tokenize", json=body, headers=stack.engine_headers, timeout=30
+    )
+    return int(r.json()["count"])
+
+
 def _tokenize(stack, prompt: str) -> int:
     body = {"model": "tiny", "prompt": prompt}
-    return int(httpx.post(stack.vllm_url + "/tokenize", json=body, timeout=30).json()["count"])
+    return _count(stack, body)
 
 
 def _tokenize_chat(stack, messages: list[dict[str, str]]) -> int:
     body = {"model": "tiny", "messages": messages}
-    return int(httpx.post(stack.vllm_url + "/tokenize", json=body, timeout=30).json()["count"])
+    return _count(stack, body)
 
 
 def _vllm_tokens(stack) -> float:

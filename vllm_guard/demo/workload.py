@@ -242,8 +242,8 @@ def targets(stack: Stack) -> tuple[Target, Target]:
     direct = Target(
         "direct to vLLM",
         stack.vllm_url,
-        {},
-        {},
+        stack.engine_headers,
+        stack.engine_headers,
         {"priority": inter.vllm_priority},
         {"priority": batch.vllm_priority},
     )

@@ -98,6 +98,8 @@ def vllm_command(
     ]  # fmt: skip
     if scheduler_cls is not None:
         cmd += ["--scheduler-cls", scheduler_cls]
+    # The engine answers only requests that carry the guard's key (VLLM_GUARD_ENGINE_KEY).
+    cmd += ["--middleware", "vllm_guard.engine.middleware.RequireGuardKey"]
     if tiny:
         from vllm_guard.engine.tiny_model import MAX_MODEL_LEN, SERVED_NAME
 
@@ -181,8 +183,11 @@ class VllmSupervisor:
         log_path: Path | None = None,
         startup_timeout_s: float = 900.0,
         nice: int = 0,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
+        """`headers`: sent with the health checks (the engine key)."""
         self.cmd = cmd
+        self.headers = dict(headers or {})
         self.nice = nice
         self.env = dict(env)
         self.base_url = f"http://127.0.0.1:{port}"
@@ -266,7 +271,7 @@ class VllmSupervisor:
         assert self.proc is not None
         deadline = time.monotonic() + self.startup_timeout_s
         timeout = aiohttp.ClientTimeout(total=2)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with aiohttp.ClientSession(timeout=timeout, headers=self.headers) as session:
             while self.proc.returncode is None and time.monotonic() < deadline:
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     async with session.get(self.base_url + "/health") as resp:

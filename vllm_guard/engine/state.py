@@ -32,11 +32,15 @@ class EngineState:
 
 
 async def poll_health(
-    state: EngineState, base_url: str, interval_s: float = 2.0, timeout_s: float = 2.0
+    state: EngineState,
+    base_url: str,
+    interval_s: float = 2.0,
+    timeout_s: float = 2.0,
+    headers: dict[str, str] | None = None,
 ) -> None:
     """Proxy mode: follow an engine we did not start by its `/health`, forever."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
         while True:
             try:
                 async with session.get(base_url + "/health") as resp:
@@ -49,13 +53,15 @@ async def poll_health(
             await asyncio.sleep(interval_s)
 
 
-async def detect_scheduling_policy(base_url: str) -> str | None:
+async def detect_scheduling_policy(
+    base_url: str, headers: dict[str, str] | None = None
+) -> str | None:
     """The upstream's `--scheduling-policy`, where vLLM tells it (`/server_info`, which
     only exists with VLLM_SERVER_DEV_MODE=1); None when it cannot be known."""
     timeout = aiohttp.ClientTimeout(total=5)
     try:
         async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
+            aiohttp.ClientSession(timeout=timeout, headers=headers) as session,
             session.get(base_url + "/server_info", params={"config_format": "json"}) as resp,
         ):
             if resp.status != 200:

@@ -125,10 +125,11 @@ async def serve_with_vllm(
     engine: EngineState,
     listen: Listen,
     scheduler_metrics_file: Path | None = None,
+    engine_key: str | None = None,
 ) -> int:
     """`scheduler_metrics_file`: where vLLM runs the scheduler plugin, the file it was told
-    to write its metrics to."""
-    upstream = Upstream(supervisor.base_url, config.guard, config.upstream_api_key)
+    to write its metrics to; `engine_key`: the key vLLM was started to require."""
+    upstream = Upstream(supervisor.base_url, config.guard, config.upstream_api_key, engine_key)
     app = GuardApp(
         config,
         upstream,
@@ -177,10 +178,11 @@ async def serve_with_vllm(
 
 async def serve_proxy(config: CompiledConfig, upstream_url: str, listen: Listen) -> int:
     engine = EngineState()
-    upstream = Upstream(upstream_url, config.guard, config.upstream_api_key)
+    upstream = Upstream(upstream_url, config.guard, config.upstream_api_key, config.engine_key)
     app = GuardApp(config, upstream, engine, metrics_port=listen.metrics_port)
     server = _uvicorn_server(app, listen.host, listen.port)
-    policy = await detect_scheduling_policy(upstream.base_url)
+    engine_headers = upstream.headers([], False)
+    policy = await detect_scheduling_policy(upstream.base_url, engine_headers)
     if policy is None:
         log.warning(
             "cannot read the upstream's scheduling policy (vLLM shows it only with "
@@ -207,7 +209,7 @@ async def serve_proxy(config: CompiledConfig, upstream_url: str, listen: Listen)
                 "engine.scheduler: guard: no slot or KV share is reserved; the upstream must "
                 "run vllm_guard's scheduler plugin (vllm-guard check-config shows how)"
             )
-    poller = asyncio.create_task(poll_health(engine, upstream.base_url))
+    poller = asyncio.create_task(poll_health(engine, upstream.base_url, headers=engine_headers))
     with _signals_for_uvicorn():
         try:
             await _serve(server, listen)

@@ -53,7 +53,9 @@ WORDS = [
 ]
 
 
-async def long_prompt(session: aiohttp.ClientSession, vllm_url: str, tokens: int) -> str:
+async def long_prompt(
+    session: aiohttp.ClientSession, vllm_url: str, tokens: int, headers: dict[str, str]
+) -> str:
     """Random words, grown until vLLM's tokenizer counts at least `tokens`."""
     rng = random.Random(7)
     words: list[str] = []
@@ -61,7 +63,7 @@ async def long_prompt(session: aiohttp.ClientSession, vllm_url: str, tokens: int
     while count < tokens:
         words += rng.choices(WORDS, k=max(8, (tokens - count) // 3))
         body = {"model": "tiny", "prompt": " ".join(words)}
-        async with session.post(vllm_url + "/tokenize", json=body) as resp:
+        async with session.post(vllm_url + "/tokenize", json=body, headers=headers) as resp:
             count = (await resp.json())["count"]
     return " ".join(words)
 
@@ -69,13 +71,14 @@ async def long_prompt(session: aiohttp.ClientSession, vllm_url: str, tokens: int
 async def compare(stack: Stack, n: int, prompt_tokens: int, max_tokens: int) -> dict[str, Any]:
     """The flood straight to vLLM, then through the guard, on a running `stack`."""
     async with new_session() as session:
-        prompt = await long_prompt(session, stack.vllm_url, prompt_tokens)
+        engine = stack.engine_headers
+        prompt = await long_prompt(session, stack.vllm_url, prompt_tokens, engine)
         body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True}
         etl = {"Authorization": f"Bearer {stack.keys['ETL_KEY']}"}
         direct = await kv_flood(
-            session, stack.vllm_url, {}, {**body, "priority": 10}, n, stack.vllm_url
+            session, stack.vllm_url, engine, {**body, "priority": 10}, n, stack.vllm_url, engine
         )
-        guard = await kv_flood(session, stack.guard_url, etl, body, n, stack.vllm_url)
+        guard = await kv_flood(session, stack.guard_url, etl, body, n, stack.vllm_url, engine)
     return {"direct": summary(direct), "guard": summary(guard)}
 
 
@@ -104,8 +107,10 @@ class KvFloodResult:
         return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-async def engine_sample(session: aiohttp.ClientSession, vllm_url: str) -> EngineSample:
-    async with session.get(vllm_url + "/metrics") as resp:
+async def engine_sample(
+    session: aiohttp.ClientSession, vllm_url: str, headers: dict[str, str]
+) -> EngineSample:
+    async with session.get(vllm_url + "/metrics", headers=headers) as resp:
         return parse_engine_metrics(await resp.text(), time.monotonic())
 
 
@@ -116,6 +121,7 @@ async def kv_flood(
     body: dict[str, Any],
     n: int,
     vllm_url: str,
+    vllm_headers: dict[str, str],
     sample_every_s: float = 0.1,
     probe: Callable[[int], Awaitable[float]] | None = None,
 ) -> KvFloodResult:
@@ -123,7 +129,7 @@ async def kv_flood(
     `vllm_url`, whichever path the flood takes) is sampled for preemptions and queues;
     with `probe`, interactive probes (returning their TTFT) one after another until the
     flood is done."""
-    before = await engine_sample(session, vllm_url)
+    before = await engine_sample(session, vllm_url, vllm_headers)
     ttfts: list[float] = []
     statuses: dict[int, int] = {}
     tokens = [0]
@@ -142,7 +148,7 @@ async def kv_flood(
 
     async def sampler() -> None:
         while True:
-            s = await engine_sample(session, vllm_url)
+            s = await engine_sample(session, vllm_url, vllm_headers)
             timeline.append(
                 (
                     s.at - t0,
@@ -175,7 +181,7 @@ async def kv_flood(
         await asyncio.sleep(2 * sample_every_s)
     finally:
         watcher.cancel()
-    after = await engine_sample(session, vllm_url)
+    after = await engine_sample(session, vllm_url, vllm_headers)
     return KvFloodResult(
         ok=statuses.get(200, 0),
         failed=n - statuses.get(200, 0),

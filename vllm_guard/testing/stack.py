@@ -22,6 +22,8 @@ import yaml
 
 from vllm_guard.config import DEFAULT_CONFIG, load_config
 from vllm_guard.engine.launcher import free_port
+from vllm_guard.engine.middleware import HEADER as ENGINE_KEY_HEADER
+from vllm_guard.engine.middleware import KEY_ENV as ENGINE_KEY_ENV
 
 
 class Stack:
@@ -50,7 +52,10 @@ class Stack:
         self.vllm_log = self.log_dir / "vllm.log"
         self.guard_log = self.log_dir / "guard.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        env = {**os.environ, **self.keys}
+        # The engine answers only this key (serve takes it from its environment): tests,
+        # benchmarks and the demo that talk to vLLM directly send `engine_headers`.
+        self.engine_key = secrets.token_urlsafe(24)
+        env = {**os.environ, **self.keys, ENGINE_KEY_ENV: self.engine_key}
         self.config_path = config_path
         self.vllm_args = vllm_args
         self.config = load_config(config_path, env)
@@ -59,6 +64,11 @@ class Stack:
     @property
     def guard_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def engine_headers(self) -> dict[str, str]:
+        """What a request straight to vLLM's private port needs (the guard's engine key)."""
+        return {ENGINE_KEY_HEADER: self.engine_key}
 
     @property
     def metrics_url(self) -> str:

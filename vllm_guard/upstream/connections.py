@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 
 from vllm_guard.config import GuardSettings
+from vllm_guard.engine.middleware import HEADER as ENGINE_KEY_HEADER
 from vllm_guard.upstream.answers import count, dig, parse_json
 from vllm_guard.upstream.h1client import Pool, Response, split_base_url
 
@@ -27,13 +28,25 @@ _TOKENIZE_TIMEOUT = aiohttp.ClientTimeout(total=5)
 class Upstream:
     """Connections for the guard's lifetime; `base_url` like http://127.0.0.1:8001."""
 
-    def __init__(self, base_url: str, settings: GuardSettings, api_key: str | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        settings: GuardSettings,
+        api_key: str | None = None,
+        engine_key: str | None = None,
+    ):
+        """`api_key`: vLLM's own --api-key, if it runs with one; `engine_key`: the key
+        `engine/middleware.py` requires on every request to the engine."""
         self.base_url = base_url.rstrip("/")
         self._url = split_base_url(base_url)
         self._host_header = self._url.netloc.encode()
         self._prefix = self._url.prefix.encode()
         self._settings = settings
-        self._auth = (b"authorization", b"Bearer " + api_key.encode()) if api_key else None
+        self._extra: list[tuple[bytes, bytes]] = []  # sent on every request to vLLM
+        if api_key:
+            self._extra.append((b"authorization", b"Bearer " + api_key.encode()))
+        if engine_key:
+            self._extra.append((ENGINE_KEY_HEADER.encode(), engine_key.encode()))
         self._session: aiohttp.ClientSession | None = None
         self._pool: Pool | None = None
         self._tokenize_free = settings.max_concurrent_tokenize
@@ -54,7 +67,7 @@ class Upstream:
             b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\n" % (self._prefix + path.encode(), self._host_header, len(body))
         ]
-        for name, value in forwarded if self._auth is None else [*forwarded, self._auth]:
+        for name, value in [*forwarded, *self._extra] if self._extra else forwarded:
             head.append(b"%s: %s\r\n" % (name, value))
         head.append(b"\r\n")
         return await self._pool.post(b"".join(head), body)
@@ -108,8 +121,8 @@ class Upstream:
         out = {name.decode("latin-1"): value.decode("latin-1") for name, value in forwarded}
         if has_body:
             out["Content-Type"] = "application/json"
-        if self._auth is not None:
-            out["Authorization"] = self._auth[1].decode("latin-1")
+        for name, value in self._extra:
+            out[name.decode("latin-1")] = value.decode("latin-1")
         return out
 
     async def close(self) -> None:
