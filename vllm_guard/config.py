@@ -88,6 +88,13 @@ class EngineConfig(BaseModel):
     """How often the guard reads the engine's /metrics."""
     metrics_stale_after_s: Annotated[float, Field(gt=0, strict=False)] = 1.0
     """A reading older than this is stale: the guard falls back (see `on_stale`)."""
+    hang_detect_s: Annotated[float, Field(ge=1, le=600, strict=False)] = 5.0
+    """The engine counts as hung when its `/health` goes unanswered this long, or when it
+    has requests and produces no token this long: then the guard answers 503 and ends the
+    requests in it."""
+    hang_restart_after_s: Annotated[float, Field(ge=1, strict=False)] = 60.0
+    """`serve`: an engine hung this long is killed and restarted (one that resumes before
+    recovers without a restart)."""
     on_stale: Literal["own_accounting", "hold_batch"] = "own_accounting"
     """With stale engine metrics: keep admitting on the guard's own KV reservations
     (`own_accounting`, the default: the guard's own reservations are an upper bound on

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,14 @@ class FakeVllm:
         return web.Response()
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics_text, status=self.metrics_status)
+        # The requests it holds are the ones it reports running, as vLLM would.
+        text = re.sub(
+            r"^(vllm:num_requests_running\{[^}]*\}) \S+$",
+            rf"\g<1> {float(self.active)}",
+            self.metrics_text,
+            flags=re.M,
+        )
+        return web.Response(text=text, status=self.metrics_status)
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

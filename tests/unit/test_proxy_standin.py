@@ -4,6 +4,7 @@ run as a program): what happens on real sockets between clients, the guard and a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import signal
@@ -36,7 +37,7 @@ tenants:
 @contextlib.contextmanager
 def _guard_process(
     tmp_path: Path, config_text: str, mode: str = "big", extra_args: tuple[str, ...] = ()
-) -> Iterator[tuple[int, Path, subprocess.Popen[bytes]]]:
+) -> Iterator[tuple[int, Path, subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
     """A stand-in engine in `mode` (streaming mode "big" by default), `vllm-guard proxy`
     before it: the guard's port, the processes' log, the guard process."""
     engine_port, guard_port = free_port(), free_port()
@@ -54,7 +55,7 @@ def _guard_process(
     try:
         wait_healthy(upstream, engine, 30, log)
         wait_healthy(f"http://127.0.0.1:{guard_port}", guard, 30, log)
-        yield guard_port, log, guard
+        yield guard_port, log, guard, engine
     finally:
         for proc in (guard, engine):
             stop(proc, 10)
@@ -62,7 +63,7 @@ def _guard_process(
 
 @pytest.fixture
 def guarded(tmp_path) -> Iterator[tuple[int, Path]]:
-    with _guard_process(tmp_path, CONFIG) as (port, log, _proc):
+    with _guard_process(tmp_path, CONFIG) as (port, log, _proc, _engine):
         yield port, log
 
 
@@ -128,7 +129,7 @@ BOUNDED = CONFIG.replace(
 
 @pytest.fixture(scope="module")
 def bounded(tmp_path_factory) -> Iterator[tuple[int, Path]]:
-    with _guard_process(tmp_path_factory.mktemp("bounded"), BOUNDED) as (port, log, _proc):
+    with _guard_process(tmp_path_factory.mktemp("bounded"), BOUNDED) as (port, log, _proc, _engine):
         yield port, log
 
 
@@ -252,7 +253,7 @@ def test_a_drain_answers_queued_requests_at_once_with_a_json_503(tmp_path):
     """SIGTERM while one request runs (the stand-in engine holds it) and three wait for its
     slot: the waiting ones get the OpenAI-format 503 with retry-after at once, not uvicorn's
     plain-text 500 when the drain timeout ends."""
-    with _guard_process(tmp_path, ONE_SLOT, mode="hang") as (port, _log, proc):
+    with _guard_process(tmp_path, ONE_SLOT, mode="hang") as (port, _log, proc, _engine):
         url = f"http://127.0.0.1:{port}/v1/completions"
         headers = {"authorization": "Bearer chat-secret"}
         body = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
@@ -291,7 +292,7 @@ def test_a_drain_answers_queued_requests_at_once_with_a_json_503(tmp_path):
 
 
 def test_sighup_does_not_end_the_guard_or_its_streams(tmp_path):
-    with _guard_process(tmp_path, ONE_SLOT, mode="slow") as (port, log, proc):
+    with _guard_process(tmp_path, ONE_SLOT, mode="slow") as (port, log, proc, _engine):
         url = f"http://127.0.0.1:{port}/v1/completions"
         body = {"model": "tiny", "prompt": "hi", "max_tokens": 4, "stream": True}
         with httpx.stream(
@@ -314,7 +315,8 @@ def test_metrics_on_a_port_of_their_own_are_not_on_the_public_one(tmp_path, wher
     config, args = CONFIG, ("--metrics-port", str(metrics_port))
     if where == "config":
         config, args = CONFIG + f"guard: {{metrics_port: {metrics_port}}}\n", ()
-    with _guard_process(tmp_path, config, mode="ok", extra_args=args) as (port, _log, _proc):
+    with _guard_process(tmp_path, config, mode="ok", extra_args=args) as guarded:
+        port = guarded[0]
         public, private = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}"
         r = httpx.post(
             public + "/v1/completions",
@@ -330,3 +332,39 @@ def test_metrics_on_a_port_of_their_own_are_not_on_the_public_one(tmp_path, wher
         assert httpx.get(private + "/metrics/engine").status_code in (200, 503)
         assert httpx.get(private + "/v1/models").status_code == 404
         assert httpx.get(public + "/health").status_code == 200
+
+
+HANG = ONE_SLOT.replace("engine: {", "engine: {hang_detect_s: 2, ")
+
+
+def test_a_stopped_engine_is_noticed_and_its_requests_end(tmp_path):
+    """SIGSTOP the engine while a request is in it: within seconds the guard answers 503
+    (health and new requests) and ends the request in flight instead of holding its slot
+    until the 600 s read timeout; SIGCONT, and it serves again without a restart."""
+    with _guard_process(tmp_path, HANG, mode="hang") as (port, log, _proc, engine):
+        url = f"http://127.0.0.1:{port}"
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
+        headers = {"authorization": "Bearer chat-secret"}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            held = pool.submit(
+                httpx.post, url + "/v1/completions", json=body, headers=headers, timeout=60
+            )
+            time.sleep(1.0)
+            engine.send_signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            try:
+                answer = held.result(timeout=20)
+                ended_after = time.monotonic() - stopped
+                health = httpx.get(url + "/health", timeout=5)
+                refused = httpx.post(url + "/v1/completions", json=body, headers=headers)
+            finally:
+                engine.send_signal(signal.SIGCONT)
+        assert answer.status_code == 503, answer.text
+        assert ended_after < 10
+        assert health.status_code == 503
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "7"
+        deadline = time.monotonic() + 15
+        while httpx.get(url + "/health", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert "engine hung" in log.read_text()

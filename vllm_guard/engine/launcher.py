@@ -208,6 +208,12 @@ class VllmSupervisor:
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as we do
         self._task = asyncio.create_task(self._supervise(), name="vllm-supervisor")
 
+    async def kill(self, reason: str) -> None:
+        """Kill vLLM and its engine core (the supervisor then restarts it, with backoff)."""
+        if self.proc is not None and self.proc.returncode is None:
+            log.error("killing vLLM (pid %s): %s", self.proc.pid, reason)
+            _signal_group(self.proc.pid, signal.SIGKILL)
+
     async def stop(self) -> None:
         self._stopping = True
         self.engine.set("stopping")

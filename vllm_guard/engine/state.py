@@ -21,14 +21,25 @@ log = logging.getLogger("vllm_guard.engine.state")
 class EngineState:
     ready: bool = False
     phase: str = "starting"
-    """starting | ready | restarting | unreachable | stopping"""
+    """starting | ready | hung | restarting | unreachable | stopping"""
     restarts: int = 0
 
     def set(self, phase: str) -> None:
+        if phase == "ready" and self.phase == "hung":
+            return  # answering /health is not enough: the watchdog says when it works again
         if phase != self.phase:
             log.info("engine %s -> %s", self.phase, phase)
         self.phase = phase
         self.ready = phase == "ready"
+
+    def set_hung(self, reason: str | None) -> None:
+        """The watchdog's verdict: hung (`reason`), or working again (None)."""
+        if reason is not None and self.phase == "ready":
+            log.error("engine hung: %s; answering 503 until it works again", reason)
+            self.phase, self.ready = "hung", False
+        elif reason is None and self.phase == "hung":
+            log.warning("engine works again")
+            self.phase, self.ready = "ready", True
 
 
 async def poll_health(

@@ -8,7 +8,7 @@ import logging
 import math
 import signal
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import uvicorn
 from vllm_guard.config import CompiledConfig
 from vllm_guard.engine.launcher import VllmSupervisor
 from vllm_guard.engine.state import EngineState, detect_scheduling_policy, poll_health
+from vllm_guard.engine.watchdog import EngineWatchdog
 from vllm_guard.proxy.app import GuardApp
 from vllm_guard.proxy.http_server import protocol_class
 from vllm_guard.upstream.connections import Upstream
@@ -72,6 +73,22 @@ async def _serve(server: uvicorn.Server, listen: Listen) -> None:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def _watchdog(
+    app: GuardApp, base_url: str, restart: Callable[[str], Awaitable[None]] | None
+) -> EngineWatchdog:
+    eng = app.config.engine
+    return EngineWatchdog(
+        base_url,
+        app.upstream.headers([], False),
+        app.engine,
+        lambda: app.monitor.sample,
+        app.upstream.fail_in_flight,
+        eng.hang_detect_s,
+        restart,
+        eng.hang_restart_after_s,
+    )
 
 
 def _uvicorn_server(app: GuardApp, host: str, port: int) -> uvicorn.Server:
@@ -139,6 +156,7 @@ async def serve_with_vllm(
     )
     host, port = listen.host, listen.port
     server = _uvicorn_server(app, host, port)
+    watchdog = _watchdog(app, supervisor.base_url, supervisor.kill)
     exit_code = 0
 
     def on_first_ready(fut: asyncio.Future[None]) -> None:
@@ -169,9 +187,11 @@ async def serve_with_vllm(
         await supervisor.start()
         assert supervisor.first_ready is not None
         supervisor.first_ready.add_done_callback(on_first_ready)
+        watching = asyncio.create_task(watchdog.run())
         try:
             await _serve(server, listen)
         finally:
+            watching.cancel()
             await supervisor.stop()
     return exit_code
 
@@ -210,9 +230,11 @@ async def serve_proxy(config: CompiledConfig, upstream_url: str, listen: Listen)
                 "run vllm_guard's scheduler plugin (vllm-guard check-config shows how)"
             )
     poller = asyncio.create_task(poll_health(engine, upstream.base_url, headers=engine_headers))
+    watching = asyncio.create_task(_watchdog(app, upstream.base_url, None).run())
     with _signals_for_uvicorn():
         try:
             await _serve(server, listen)
         finally:
             poller.cancel()
+            watching.cancel()
     return 0

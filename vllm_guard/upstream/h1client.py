@@ -286,6 +286,13 @@ class Pool:
         for conn in list(self._open):
             conn.abort()
 
+    def fail_all(self, error: UpstreamError) -> None:
+        """End every exchange in progress with `error` (the engine is hung): their readers
+        raise it, their connections close (vLLM aborts the requests if it ever wakes)."""
+        for conn in list(self._open):
+            conn._fail(error)
+            conn.abort()
+
     def _idle_connection(self) -> _Connection | None:
         """The most recently used idle connection, dropping those idle too long: vLLM's
         server closes them after its own keep-alive timeout, and a request sent on a

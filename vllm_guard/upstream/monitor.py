@@ -31,6 +31,7 @@ _USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 _RUNNING = "vllm:num_requests_running"
 _WAITING = "vllm:num_requests_waiting"
 _PREEMPTIONS = "vllm:num_preemptions_total"
+_TOKENS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
 _CACHE_INFO = "vllm:cache_config_info"
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
@@ -45,6 +46,13 @@ class EngineSample:
     running: int | None = None
     waiting: int | None = None
     preemptions: int | None = None
+    tokens: int | None = None
+    """Prompt + generated tokens the engine processed since it started (progress)."""
+
+    @property
+    def busy(self) -> bool:
+        """The engine reports requests running or waiting."""
+        return bool(self.running) or bool(self.waiting)
 
     @property
     def kv_used_tokens(self) -> int | None:
@@ -68,7 +76,7 @@ def parse_engine_metrics(text: str, at: float) -> EngineSample:
             value = _value(rest)
             if value is not None:
                 usage = value if usage is None else max(usage, value)
-        elif name in (_RUNNING, _WAITING, _PREEMPTIONS):
+        elif name in (_RUNNING, _WAITING, _PREEMPTIONS) or name in _TOKENS:
             value = _value(rest)
             if value is not None:
                 counts[name] = counts.get(name, 0.0) + value
@@ -83,6 +91,7 @@ def parse_engine_metrics(text: str, at: float) -> EngineSample:
         running=_int(counts.get(_RUNNING)),
         waiting=_int(counts.get(_WAITING)),
         preemptions=_int(counts.get(_PREEMPTIONS)),
+        tokens=_int(sum(counts[n] for n in _TOKENS)) if all(n in counts for n in _TOKENS) else None,
     )
 
 
