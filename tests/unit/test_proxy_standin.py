@@ -368,3 +368,36 @@ def test_a_stopped_engine_is_noticed_and_its_requests_end(tmp_path):
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
         assert "engine hung" in log.read_text()
+
+
+WAITS_ON_BUDGET = """
+engine: {max_num_seqs: 4, queue_ahead: 0, kv_admission: false, scheduler: vllm}
+guard: {drain_timeout_s: 10, unavailable_retry_after_s: 7}
+classes:
+  batch: {vllm_priority: 10, max_queue: 100, max_wait_s: 60, on_limit: wait}
+tenants:
+  nightly-etl:
+    class: batch
+    api_keys: ["env:ETL_KEY"]
+    limits: {requests_per_minute: 1}
+"""
+
+
+def test_a_drain_answers_requests_waiting_for_their_tenants_budget_at_once(tmp_path):
+    with _guard_process(tmp_path, WAITS_ON_BUDGET, mode="ok") as (port, _log, proc, _engine):
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        headers = {"authorization": "Bearer etl-secret"}
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
+        assert httpx.post(url, json=body, headers=headers).status_code == 200  # the budget
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(httpx.post, url, json=body, headers=headers, timeout=60)
+            time.sleep(1.0)  # it waits for a minute's budget
+            proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            answer = waiting.result(timeout=30)
+            after_s = time.monotonic() - sent
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "shutting_down"
+        assert answer.headers["retry-after"] == "7"
+        assert after_s < 2.0

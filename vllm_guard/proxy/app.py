@@ -163,6 +163,13 @@ class GuardApp:
 
     # -- the engine's state ---------------------------------------------------------------
 
+    def drain(self) -> None:
+        """The server stops: requests waiting (for a slot or for their tenant's budget)
+        get 503 shutting_down now, and so do new ones; admitted ones run on."""
+        self.gate.drain()
+        for quota_gate in self.quota_gates.values():
+            quota_gate.drain()
+
     def engine_sample(self, sample: EngineSample | None) -> None:
         """The monitor's listener, after every poll: None when the reading is stale."""
         eng = self.config.engine

@@ -11,9 +11,10 @@ from vllm_guard.core.classes import PriorityClass, Tenant
 from vllm_guard.core.cost import Estimate, completion_budget, estimate, tokenize_request
 from vllm_guard.core.quota import Denied, QuotaStore, Reservation, go_duration
 from vllm_guard.proxy import responses
+from vllm_guard.proxy.admission_gate import RefusalReason, Refused
 from vllm_guard.proxy.clock import Clock
 from vllm_guard.proxy.metrics import GuardMetrics
-from vllm_guard.proxy.quota_gate import QuotaGate
+from vllm_guard.proxy.quota_gate import DRAINED, QuotaGate
 from vllm_guard.upstream.connections import Upstream
 
 
@@ -52,7 +53,8 @@ class QuotaCharge:
         priority_class: PriorityClass,
     ) -> tuple[Reservation, Estimate] | None:
         """Reserve the request's cost on its tenant's quota; or answer 429 (or 400 for a
-        request that can never fit) and return None, holding nothing.
+        request that can never fit) and return None, holding nothing; raises `Refused`
+        (shutting_down) when the server drains while it waits.
 
         The cheap part first: one request, its concurrency slot and its completion budget
         (a lower bound on its tokens), so a request over its limit costs the engine nothing.
@@ -67,7 +69,9 @@ class QuotaCharge:
         if limits.counts_tokens:
             completion = completion_budget(path, payload, priority_class.default_max_tokens)
             est = Estimate(0, completion, False)
-        held = await quota.reserve(est.total, max_wait_s, priority_class.max_queue)
+        held = _not_drained(
+            await quota.reserve(est.total, max_wait_s, priority_class.max_queue), priority_class
+        )
         if isinstance(held, Denied):
             await self._rate_limited(send, tenant, quota.quota, held, est)
             return None
@@ -85,7 +89,9 @@ class QuotaCharge:
             quota.settle(held, 0, sent=False)
             waited_s = clock.now() - started
             wait_s = max(0.0, max_wait_s - waited_s)
-            held = await quota.reserve(est.total, wait_s, priority_class.max_queue)
+            held = _not_drained(
+                await quota.reserve(est.total, wait_s, priority_class.max_queue), priority_class
+            )
             if isinstance(held, Denied):
                 await self._rate_limited(send, tenant, quota.quota, held, est)
                 return None
@@ -120,6 +126,13 @@ class QuotaCharge:
             (b"retry-after-ms", str(math.ceil(wait_s * 1000)).encode()),
         ]
         await response.send(send, headers)
+
+
+def _not_drained(held: Reservation | Denied | object, priority_class: PriorityClass) -> Any:
+    """`held` as it is; the drain's 503 (raised) for `DRAINED`."""
+    if held is DRAINED:
+        raise Refused(RefusalReason.SHUTTING_DOWN, priority_class, 0.0)
+    return held
 
 
 def ratelimit_headers(quota: QuotaStore, now: float) -> list[tuple[bytes, bytes]]:

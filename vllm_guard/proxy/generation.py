@@ -214,9 +214,14 @@ class Generation:
         if quota is None:
             return True
         parsed = req.parsed
-        charged = await self.charge(
-            send, quota, req.tenant.name, req.path, parsed.payload, req.priority_class
-        )
+        try:
+            charged = await self.charge(
+                send, quota, req.tenant.name, req.path, parsed.payload, req.priority_class
+            )
+        except Refused as refused:  # the server drains
+            retry_s = float(self.config.guard.unavailable_retry_after_s)
+            await self._refuse(send, Refused(refused.reason, refused.priority_class, retry_s))
+            return False
         if charged is None:
             return False  # refused (429 or 400), nothing held
         req.reservation, req.est = charged

@@ -25,11 +25,15 @@ class _Waiter:
     __slots__ = ("deadline", "future", "tokens")
 
     def __init__(
-        self, tokens: int, deadline: float, future: asyncio.Future[Reservation | Denied]
+        self, tokens: int, deadline: float, future: asyncio.Future[Reservation | Denied | object]
     ) -> None:
         self.tokens = tokens
         self.deadline = deadline
         self.future = future
+
+
+DRAINED = object()
+"""What `reserve` returns once the server drains: the request is refused (503)."""
 
 
 class QuotaGate:
@@ -47,6 +51,7 @@ class QuotaGate:
         self._seq = itertools.count()
         self._live = 0  # waiters whose future is not done
         self._timer: TimerHandle | None = None
+        self.draining = False
 
     @property
     def waiting(self) -> int:
@@ -67,12 +72,27 @@ class QuotaGate:
             return denied or self._head_denial(now)
         return None
 
+    def drain(self) -> None:
+        """The server stops: every waiter gets `DRAINED` now, and so does any new request."""
+        self.draining = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_result(DRAINED)
+                self._live -= 1
+
     async def reserve(
         self, tokens: int, max_wait_s: float, max_waiting: int = 1000
-    ) -> Reservation | Denied:
+    ) -> Reservation | Denied | object:
         """A reservation, waiting up to `max_wait_s` for the buckets to allow it; or the
         refusal that still stands at the end (at once when waiting cannot help or
-        `max_waiting` requests of the tenant already wait)."""
+        `max_waiting` requests of the tenant already wait); or `DRAINED` when the server
+        drains (at once, or as soon as the drain begins for a waiter)."""
+        if self.draining:
+            return DRAINED
         refused = self.refusal(tokens, max_wait_s, max_waiting)
         if refused is not None:
             return refused

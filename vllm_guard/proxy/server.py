@@ -98,7 +98,7 @@ def _uvicorn_server(app: GuardApp, host: str, port: int) -> uvicorn.Server:
         port=port,
         loop="none",
         http=protocol_class(
-            app.config.guard, app.config.guard.unavailable_retry_after_s, app.gate.drain
+            app.config.guard, app.config.guard.unavailable_retry_after_s, app.drain
         ),
         lifespan="on",
         access_log=False,
