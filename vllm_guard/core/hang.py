@@ -4,12 +4,13 @@ clock passed in (synchronous, no I/O; `engine/watchdog.py` feeds it).
 - Its health probe: vLLM's API server answers `/health` within a short deadline. A stopped
   API server (SIGSTOP, a wedged event loop) answers nothing, while its port still accepts
   connections.
-- Its progress: vLLM's token counters (prompt + generated) advance whenever it has
-  requests. On the CPU build the engine core is a separate process; when it stops, the API
-  server still answers `/health` (it only looks at an error flag) and `/metrics` with
-  frozen numbers: requests running, no tokens.
+- Its progress: vLLM's token counters (prompt + generated) or its KV-cache use change
+  whenever it has requests (a long prefill, whose prompt tokens are counted only when it
+  ends, still takes KV blocks chunk by chunk). On the CPU build the engine core is a
+  separate process; when it stops, the API server still answers `/health` (it only looks
+  at an error flag) and `/metrics` with frozen numbers: requests running, nothing moving.
 
-Hung: no successful probe for `after_s`, or requests in the engine and no token for
+Hung: no successful probe for `after_s`, or requests in the engine and nothing moving for
 `after_s`.
 """
 
@@ -25,7 +26,7 @@ class HangDetector:
         """Start over (the engine was restarted, or is starting)."""
         self._healthy_at = now
         self._progress_at = now
-        self._tokens: int | None = None
+        self._work: object = None
         self._busy = False
         self.hung_since: float | None = None
 
@@ -33,12 +34,12 @@ class HangDetector:
         if ok:
             self._healthy_at = now
 
-    def progress(self, tokens: int | None, busy: bool, now: float) -> None:
-        """`tokens`: the engine's prompt + generated token counters (None: unknown);
-        `busy`: it reports requests running or waiting."""
-        if not busy or (tokens is not None and tokens != self._tokens) or not self._busy:
+    def progress(self, work: object, busy: bool, now: float) -> None:
+        """`work`: what moves while the engine works (its token counters and KV use; None:
+        unknown); `busy`: it reports requests running or waiting."""
+        if not busy or (work is not None and work != self._work) or not self._busy:
             self._progress_at = now
-        self._tokens = tokens if tokens is not None else self._tokens
+        self._work = work if work is not None else self._work
         self._busy = busy
 
     def hung(self, now: float) -> str | None:

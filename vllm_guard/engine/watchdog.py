@@ -4,7 +4,8 @@ stays hung for `engine.hang_restart_after_s`. An engine that resumes before that
 without a restart.
 
 Once a second, while the engine is up: `/health` with a one-second deadline, and vLLM's
-token counters and request counts as the guard's metrics poller last read them.
+token counters, KV-cache use and request counts as the guard's metrics poller last read
+them.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class EngineWatchdog:
                 detector.health(await self._probe(session), loop.time())
                 sample = self.sample()
                 if sample is not None:
-                    detector.progress(sample.tokens, sample.busy, sample.at)
+                    work = None if sample.tokens is None else (sample.tokens, sample.kv_usage)
+                    detector.progress(work, sample.busy, sample.at)
                 now = loop.time()
                 reason = detector.hung(now)
                 self.state.set_hung(reason)
