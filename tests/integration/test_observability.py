@@ -158,7 +158,8 @@ def test_every_dashboard_query_returns_data_and_a_provoked_alert_fires(stack, pr
         ]
         time.sleep(1)
     rules = httpx.get(prometheus + "/api/v1/rules", timeout=10).json()
-    assert firing, f"VllmGuardRateLimitHitRateHigh did not fire for tenant metered: {rules}"
+    targets = httpx.get(prometheus + "/api/v1/targets", timeout=10).json()
+    assert firing, f"VllmGuardRateLimitHitRateHigh did not fire for metered: {rules} {targets}"
     # ... and the quiet ones do not: nothing is stale, the engine is up.
     names = {a["labels"]["alertname"] for a in alerts if a["state"] == "firing"}
     assert not names & {"VllmGuardEngineMetricsStale", "VllmGuardEngineDown"}

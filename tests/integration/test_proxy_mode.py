@@ -14,10 +14,18 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def proxy(stack, tmp_path_factory):
-    log = tmp_path_factory.mktemp("proxy") / "proxy.log"
+    work = tmp_path_factory.mktemp("proxy")
+    log = work / "proxy.log"
+    # The session's vLLM answers only its guard's key: this second guard is given it too.
+    config = work / "limits.yaml"
+    config.write_text(
+        CONFIG.read_text().replace(
+            "guard: {", 'guard: {engine_key: "env:VLLM_GUARD_ENGINE_KEY", ', 1
+        )
+    )
     port = free_port()
-    env = {**KEYS, "VLLM_GUARD_ENGINE_KEY": stack.engine_key}  # guard.engine_key in CONFIG
-    proc = start_proxy(stack.vllm_url, CONFIG, port, env, log)
+    env = {**KEYS, "VLLM_GUARD_ENGINE_KEY": stack.engine_key}
+    proc = start_proxy(stack.vllm_url, config, port, env, log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, 60, log)  # the proxy follows the upstream's /health every 2 s

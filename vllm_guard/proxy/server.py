@@ -58,9 +58,9 @@ class Listen:
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    sock = socket.create_server((host, port), family=family, backlog=4096)
-    sock.set_inheritable(True)
-    return sock
+    # Not inheritable (Python's default): a vLLM child started later must not hold the
+    # guard's listening sockets open after the guard closes them.
+    return socket.create_server((host, port), family=family, backlog=4096)
 
 
 async def _serve(server: uvicorn.Server, listen: Listen) -> None:
