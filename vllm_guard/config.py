@@ -26,6 +26,7 @@ from vllm_guard.core.quota import Limits
 _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
 _NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 DEFAULT_CONFIG = "limits.yaml"
 
@@ -452,6 +453,8 @@ def _resolve_secret(ref: str, env: Mapping[str, str], source: str, loc: tuple[st
             "api_key_sha256); plain keys are not accepted in config files"
         )
     var = ref[4:]
+    if not _ENV_NAME.match(var):  # perhaps a key written as env:KEY: never print it
+        raise ConfigError(f"{source}: {path}: env: must name an environment variable")
     value = env.get(var)
     if not value:
         raise ConfigError(f"{source}: {path}: environment variable {var} is not set or empty")
@@ -490,6 +493,12 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> CompiledConf
     return compile_config(cfg, source, env)
 
 
+_SECRET_FIELDS = frozenset(
+    {"api_keys", "api_key_sha256", "upstream_api_key", "engine_key", "cache_salt_secret"}
+)
+"""Fields that hold keys or references to them: their values never appear in errors."""
+
+
 def _describe(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for err in exc.errors():
@@ -504,8 +513,10 @@ def _describe(exc: ValidationError, source: str) -> str:
             )
         elif err["type"] == "missing":
             msg = "required key is missing"
-        else:
+        elif _SECRET_FIELDS.isdisjoint(loc):
             msg = f"{err['msg']} (got {_short(err.get('input'))})"
+        else:  # a key pasted where a reference belongs: say where, never what
+            msg = f"{err['msg']} (the value is not shown: it may be a key)"
         lines.append(f"  {'.'.join(loc) or '(top level)'}: {msg}")
     return "\n".join(lines)
 

@@ -86,3 +86,29 @@ def test_sha256_keys_authenticate_and_bad_digests_are_refused():
     assert auth.tenant_for(b"Bearer etl-secret") is None
     assert auth.tenant_for(None) is None
     assert "64 lowercase hex" in _error(text.replace(digest, "abc"))
+
+
+SECRET = "sk-live-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ('api_keys: ["env:CHAT_UI_KEY"]', f"api_keys: {SECRET}"),  # a plain key, not a list
+        ('api_keys: ["env:CHAT_UI_KEY"]', f'api_keys: ["{SECRET}"]'),  # a plain key in it
+        ('api_keys: ["env:CHAT_UI_KEY"]', f"api_keys: [{{key: {SECRET}}}]"),
+        ('api_keys: ["env:CHAT_UI_KEY"]', f"api_key_sha256: {SECRET}"),
+        ('api_keys: ["env:CHAT_UI_KEY"]', f'api_key_sha256: ["{SECRET}"]'),
+        ("engine: {", f"guard: {{upstream_api_key: [{SECRET}]}}\nengine: {{"),
+        ("engine: {", f"guard: {{engine_key: {{k: {SECRET}}}}}\nengine: {{"),
+        ("engine: {", f"guard: {{cache_salt_secret: [{SECRET}]}}\nengine: {{"),
+        ("engine: {", f"guard: {{upstream_api_key: {SECRET}}}\nengine: {{"),
+        ('api_keys: ["env:CHAT_UI_KEY"]', f'api_keys: ["env:{SECRET}"]'),
+    ],
+)
+def test_config_errors_never_print_a_key(change):
+    """A key pasted into the config is an error that names where, never what."""
+    with pytest.raises(ConfigError) as exc:
+        parse_config(BASE_CONFIG.replace(*change), "test.yaml", KEYS)
+    assert SECRET not in str(exc.value)
+    assert "test.yaml" in str(exc.value)
