@@ -18,7 +18,7 @@ from aiohttp import web
 class FakeVllm:
     def __init__(self) -> None:
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
-        self.mode = "ok"  # ok | hang | die_mid_stream | slow | big
+        self.mode = "ok"  # ok | hang | die_mid_stream | slow | big | surrogate
         self.big_body_bytes = 0  # mode "big": a stream this long, written at once
         self.release = asyncio.Event()
         self.active = 0
@@ -108,7 +108,9 @@ class FakeVllm:
                 "total_tokens": prompt + self.completion_tokens,
             }
             if not body.get("stream"):
-                return web.json_response({"choices": [{"text": "hi"}], "usage": usage})
+                # "surrogate": a lone UTF-16 surrogate in the text, as JSON allows (\ud800)
+                text = "hi \ud800" if self.mode == "surrogate" else "hi"
+                return web.json_response({"choices": [{"text": text}], "usage": usage})
             resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
             await resp.prepare(request)
             if self.mode == "big":

@@ -23,7 +23,9 @@ had not been written; Ctrl-C stops sending, lets in-flight requests finish (a se
 Ctrl-C abandons them; they are redone on resume). Memory stays flat: the input is streamed
 through a bounded queue to a fixed pool of workers; only the custom_ids are kept.
 
-Exit code: 0 when every line succeeded, 1 when any failed, 2 for invalid input.
+Exit code: 0 when every line succeeded, 1 when any failed, 2 for invalid input, 3 when the
+run stopped on an error of its own (the output cannot be written, say): one line names it,
+and every line written before it is intact.
 """
 
 from __future__ import annotations
@@ -101,23 +103,31 @@ def read_done(path: Path, retry_failed: bool = False) -> set[str]:
     """custom_ids already in an output file; a torn last line is cut off first. With
     `retry_failed`, failure records are removed from the file (rewritten atomically) so
     those lines run again and the output still has each custom_id once."""
-    if not path.exists():
+    if not path.is_file():  # nothing yet, or not a file to resume from (/dev/stdout)
         return set()
     done: set[str] = set()
     kept: list[bytes] = []
     good_end = 0
     with path.open("rb+") as f:
-        for raw in f:
+        for n, raw in enumerate(f, start=1):
             if not raw.endswith(b"\n"):
-                break
+                break  # torn by a crash mid-write: cut off below
+            good_end += len(raw)
             try:
                 record = json.loads(raw)
             except ValueError:
-                break
-            good_end += len(raw)
+                record = None
+            custom_id = record.get("custom_id") if isinstance(record, dict) else None
+            if not isinstance(custom_id, str):
+                print(
+                    f"{path}: line {n} is not an output record; skipped (its request, if any, "
+                    "runs again)",
+                    file=sys.stderr,
+                )
+                continue
             if retry_failed and record.get("error") is not None:
                 continue
-            done.add(record["custom_id"])
+            done.add(custom_id)
             kept.append(raw)
         f.truncate(good_end)
     if retry_failed:
@@ -149,17 +159,24 @@ class Runner:
         self.started = time.monotonic()
 
     async def run(self, items: Iterator[Item]) -> None:
+        """Send every item; raises (at once, everything else cancelled) the first error a
+        worker meets that is not an answer: the output cannot be written, say."""
         queue: asyncio.Queue[Item | None] = asyncio.Queue(maxsize=2 * self.workers)
-        pool = [asyncio.create_task(self._worker(queue)) for _ in range(self.workers)]
         try:
-            for item in items:
-                if self.stopping:
-                    break
-                await queue.put(item)
-        finally:
-            for _ in pool:
-                await queue.put(None)
-            await asyncio.gather(*pool)
+            async with asyncio.TaskGroup() as group:
+                for _ in range(self.workers):
+                    group.create_task(self._worker(queue))
+                group.create_task(self._produce(items, queue))
+        except BaseExceptionGroup as errors:
+            raise errors.exceptions[0] from None
+
+    async def _produce(self, items: Iterator[Item], queue: asyncio.Queue[Item | None]) -> None:
+        for item in items:
+            if self.stopping:
+                break
+            await queue.put(item)
+        for _ in range(self.workers):
+            await queue.put(None)
 
     async def _worker(self, queue: asyncio.Queue[Item | None]) -> None:
         while (item := await queue.get()) is not None:
@@ -186,9 +203,14 @@ class Runner:
             },
             "error": error,
         }
+        line = json.dumps(record, ensure_ascii=False)
+        try:
+            line.encode()
+        except UnicodeEncodeError:  # a lone surrogate (JSON allows "\ud800"): escape it
+            line = json.dumps(record)
         # One write of one whole line, flushed: a crash leaves at most a torn last line,
         # which the next run cuts off.
-        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.out.write(line + "\n")
         self.out.flush()
         if error is None:
             self.ok += 1
@@ -261,7 +283,9 @@ async def run_batch(args: argparse.Namespace) -> int:
         headers=headers,
     )
     loop = asyncio.get_running_loop()
-    with args.output.open("a", encoding="utf-8") as out:
+    stopped: BaseException | None = None
+    out = args.output.open("a", encoding="utf-8")
+    try:
         runner = Runner(client, out, args.workers, total, len(done), args.model)
         main = asyncio.current_task()
         assert main is not None
@@ -279,10 +303,24 @@ async def run_batch(args: argparse.Namespace) -> int:
             await runner.run(todo)
         except asyncio.CancelledError:
             pass
+        except Exception as exc:  # not an answer: the run cannot go on
+            stopped = exc
         finally:
             display.cancel()
             loop.remove_signal_handler(signal.SIGINT)
             await client.close()
+    finally:
+        with contextlib.suppress(OSError):  # a flush that failed once fails again here
+            out.close()
+    if stopped is not None:
+        where = f"cannot write {args.output}: " if isinstance(stopped, OSError) else ""
+        print(
+            f"vllm-guard batch: stopped: {where}{type(stopped).__name__}: {stopped}; "
+            f"{runner.ok + runner.failed} line(s) written this run are intact, run again to "
+            "resume",
+            file=sys.stderr,
+        )
+        return 3
     s = client.stats
     written = runner.ok + runner.failed
     print(
