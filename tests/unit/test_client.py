@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import httpx
@@ -129,3 +130,74 @@ async def test_each_retry_is_logged_against_its_own_call():
     assert sorted(e.advertised_s for e in events) == [0.02, 0.05, 0.08]
     for e in events:
         assert e.sent_at - e.refused_at >= e.advertised_s - 0.001
+
+
+async def test_an_advertised_delay_is_capped_by_the_clients_maximum():
+    sleeps: list[float] = []
+    script = Script((429, {"retry-after-ms": "86400000"}))  # a day
+    async with client_for(script, sleeps, max_retry_after_s=30) as c:
+        resp = await c.post("/v1/completions", BODY)
+    assert resp.ok and sleeps == [30]
+
+
+async def test_a_retry_that_would_end_past_the_callers_deadline_is_not_waited_for():
+    sleeps: list[float] = []
+    script = Script((503, {"retry-after-ms": "5000"}))
+    async with client_for(script, sleeps) as c:
+        with pytest.raises(RetriesExhausted) as exc:
+            await c.post("/v1/completions", BODY, deadline_s=2.0)
+    assert sleeps == []  # it gives up at once instead of sleeping past the deadline
+    assert exc.value.last.status == 503
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"max_attempts": 0},
+        {"max_concurrency": 0},
+        {"requests_per_minute": -1},
+        {"tokens_per_minute": 0.0},
+        {"initial_concurrency": 100, "max_concurrency": 4},
+        {"backoff_base_s": -1},
+        {"max_retry_after_s": 0},
+        {"timeout_s": 0},
+    ],
+)
+def test_the_constructor_refuses_nonsense_with_a_clear_error(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        LimitedClient("http://test", **kw)
+
+
+async def test_callers_waiting_on_the_local_limit_go_in_order_with_one_sleeper():
+    """Callers held by the requests/min bucket queue FIFO behind one sleeping head, instead
+    of each running its own sleep loop (a thundering herd at every refill)."""
+    sleeping = [0]
+    most = [0]
+    order: list[int] = []
+
+    async def sleep(s: float) -> None:
+        sleeping[0] += 1
+        most[0] = max(most[0], sleeping[0])
+        await asyncio.sleep(0.01)
+        sleeping[0] -= 1
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        order.append(json.loads(request.read())["n"])
+        return httpx.Response(200, json=OK)
+
+    c = LimitedClient(
+        "http://test",
+        transport=httpx.MockTransport(answer),
+        sleep=sleep,
+        requests_per_minute=6000,  # 100 per second
+        max_concurrency=64,
+        adaptive=False,
+        learn_limits=False,
+    )
+    bucket, now = c._buckets["requests"], asyncio.get_running_loop().time()
+    bucket.reserve(bucket.capacity, now)  # spend it all: each caller now waits 10 ms
+    bucket.settle(bucket.capacity, bucket.capacity, now)
+    async with c:
+        await asyncio.gather(*(c.post("/v1/completions", {**BODY, "n": i}) for i in range(8)))
+    assert order == list(range(8))
+    assert most[0] == 1

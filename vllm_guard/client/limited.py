@@ -8,9 +8,11 @@ What it does before and after each request, so a batch job cannot hammer a serve
   arrive (starting from `x-ratelimit-remaining-*` when it learns or a limit changes).
 - **Retries** only for what is retryable — statuses 429, 502, 503, 504 and connection
   errors and timeouts (by exception type, never by message text). The wait is exactly the
-  server's `retry-after-ms` (else `retry-after` seconds) when it sends one, else
-  exponential backoff with full jitter. When attempts run out, `RetriesExhausted` carries
-  the last response (or exception).
+  server's `retry-after-ms` (else `retry-after` seconds) when it sends one, up to
+  `max_retry_after_s` (300 s), else exponential backoff with full jitter; a call given a
+  `deadline_s` does not wait for a retry that would begin after it. When attempts run out
+  (or the deadline would pass), `RetriesExhausted` carries the last response (or exception).
+- **Callers waiting on the local buckets** queue in line (FIFO) behind one sleeping head.
 - **Adaptive concurrency** (AIMD): the in-flight limit grows by one per limit's worth of
   successes and halves on a 429/503 or when latency rises past `latency_factor` x the
   best seen, at most once per `backoff_cooldown_s` — the job finds the server's capacity.
@@ -134,11 +136,30 @@ class LimitedClient:
         latency_factor: float = 3.0,
         backoff_cooldown_s: float = 2.0,
         timeout_s: float = 600.0,
+        max_retry_after_s: float = 300.0,
         headers: dict[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
+        _check_positive(
+            max_attempts=max_attempts,
+            max_concurrency=max_concurrency,
+            requests_per_minute=requests_per_minute,
+            tokens_per_minute=tokens_per_minute,
+            backoff_base_s=backoff_base_s,
+            backoff_max_s=backoff_max_s,
+            latency_factor=latency_factor,
+            timeout_s=timeout_s,
+            max_retry_after_s=max_retry_after_s,
+        )
+        if backoff_cooldown_s < 0:
+            raise ValueError(f"backoff_cooldown_s must be >= 0 (got {backoff_cooldown_s!r})")
+        if initial_concurrency is not None and not 1 <= initial_concurrency <= max_concurrency:
+            raise ValueError(
+                f"initial_concurrency must be between 1 and max_concurrency={max_concurrency} "
+                f"(got {initial_concurrency!r})"
+            )
         all_headers = dict(headers or {})
         if api_key:
             all_headers["Authorization"] = f"Bearer {api_key}"
@@ -153,6 +174,7 @@ class LimitedClient:
         self.max_attempts = max_attempts
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
+        self.max_retry_after_s = max_retry_after_s
         self.latency_factor = latency_factor
         self.learn_limits = learn_limits
         self._sleep = sleep
@@ -161,6 +183,9 @@ class LimitedClient:
         self._aimd = _Aimd(start, max_concurrency, backoff_cooldown_s)
         self._adaptive = adaptive
         self._cond = asyncio.Condition()
+        # Callers held by the buckets wait in line behind one sleeping head (asyncio.Lock
+        # is FIFO), not each in a sleep loop of its own that all wake at every refill.
+        self._bucket_line = asyncio.Lock()
         self._buckets: dict[str, TokenBucket] = {}
         if requests_per_minute:
             self._set_bucket("requests", requests_per_minute)
@@ -188,10 +213,14 @@ class LimitedClient:
 
     # -- the call --------------------------------------------------------------------------
 
-    async def post(self, path: str, body: dict[str, Any]) -> Response:
+    async def post(
+        self, path: str, body: dict[str, Any], deadline_s: float | None = None
+    ) -> Response:
         """POST `body` as JSON, within the local limits, retrying what is retryable.
         Returns the final response (any status that is not retryable, or success); raises
-        `RetriesExhausted` when every attempt failed retryably."""
+        `RetriesExhausted` when every attempt failed retryably, or when the next retry
+        would begin after `deadline_s` (seconds from this call) — it does not wait then.
+        A server's advertised delay is obeyed up to `max_retry_after_s`."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         cost = heuristic_prompt_tokens(path, body) + completion_budget(path, body, 256)
@@ -226,10 +255,16 @@ class LimitedClient:
                     return answer
                 last = answer
                 advertised = _advertised_delay_s(answer.headers)
-                delay = advertised if advertised is not None else self._backoff(attempt)
+                delay = (
+                    min(advertised, self.max_retry_after_s)
+                    if advertised is not None
+                    else self._backoff(attempt)
+                )
                 status = answer.status
             if attempt == self.max_attempts:
                 break
+            if deadline_s is not None and loop.time() + delay > started + deadline_s:
+                break  # the retry would come too late for the caller: give up now
             self.stats.retries += 1
             retry = RetryEvent(status, loop.time(), advertised, delay)
             self.stats.retry_log.append(retry)
@@ -257,15 +292,16 @@ class LimitedClient:
                 await self._cond.wait_for(lambda: self.stats.in_flight < self.concurrency_limit)
                 self.stats.in_flight += 1
             try:
-                while True:  # wait for the later of the buckets' refill times
-                    now = loop.time()
-                    held = self._costs(cost)
-                    wait = max((b.wait_s(c, now) for b, c in held), default=0.0)
-                    if wait <= 0:
-                        for bucket, c in held:
-                            bucket.reserve(c, now)
-                        return held
-                    await self._sleep(wait)
+                async with self._bucket_line:
+                    while True:  # the head of the line waits for the buckets' refill
+                        now = loop.time()
+                        held = self._costs(cost)
+                        wait = max((b.wait_s(c, now) for b, c in held), default=0.0)
+                        if wait <= 0:
+                            for bucket, c in held:
+                                bucket.reserve(c, now)
+                            return held
+                        await self._sleep(wait)
             except BaseException:
                 async with self._cond:
                     self.stats.in_flight -= 1
@@ -337,6 +373,12 @@ class LimitedClient:
         else:
             bucket.set_limit(per_minute, per_minute / 60.0, now)
         return bucket
+
+
+def _check_positive(**values: float | None) -> None:
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0 (got {value!r})")
 
 
 def _response(resp: httpx.Response, attempt: int) -> Response:
