@@ -11,7 +11,8 @@ a baseline measured in the same run:
 - guard overhead at concurrency 1 and 32 (benchmarks/overhead.py);
 - guard capacity on one core against a trivial upstream (benchmarks/guard_capacity.py);
 - limits accuracy (benchmarks/limits_accuracy.py, shortened) and fairness
-  (benchmarks/fairness.py).
+  (benchmarks/fairness.py);
+- a two-minute soak (benchmarks/soak.py; its full run is 20 minutes).
 
 Each writes JSON + Markdown into its own folder under --out; this script then writes
 summary.md and summary.json with one line per benchmark, and the wall time of each.
@@ -91,6 +92,14 @@ SUITE: dict[str, tuple[list[str], Callable[[dict[str, Any]], str]]] = {
             f"trickling tenant p95 queue wait {r['fair']['trickle_wait_p95_s'] * 1000:.0f} ms "
             f"fair vs {r['fifo']['trickle_wait_p95_s'] * 1000:.0f} ms FIFO "
             f"({r['p95_ratio']:.0f}×)"
+        ),
+    ),
+    "soak": (
+        ["--duration", "120", "--clients", "12"],
+        lambda r: (
+            f"{r['summary']['sent']} requests in {r['args']['duration_s']:.0f} s, vLLM killed "
+            f"halfway: checks {sum(r['checks'].values())}/{len(r['checks'])} hold; RSS growth "
+            f"{r['summary']['rss_growth_mib']:.1f} MiB"
         ),
     ),
 }
