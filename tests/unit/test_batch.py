@@ -168,3 +168,12 @@ def test_resume_skips_a_bad_line_in_the_middle_and_records_without_custom_id(
     warned = capsys.readouterr().err
     assert "line 2" in warned and "line 3" in warned and "line 4" in warned
     assert out.read_text().endswith(c + "\n")
+
+
+async def test_an_output_that_cannot_be_opened_is_one_line_and_exit_3(tmp_path: Path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text(_line(1) + "\n")
+    out = tmp_path / "missing-dir" / "out.jsonl"
+    assert await run_batch(_args(src, out, "http://127.0.0.1:9")) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot use" in err and "Traceback" not in err

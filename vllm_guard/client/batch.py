@@ -270,7 +270,12 @@ async def run_batch(args: argparse.Namespace) -> int:
             print(f"... and {len(errors) - MAX_REPORTED_ERRORS} more", file=sys.stderr)
         print(f"{len(errors)} invalid line(s); nothing was sent", file=sys.stderr)
         return 2
-    done = read_done(args.output, args.retry_failed)
+    try:
+        done = read_done(args.output, args.retry_failed)
+        out = args.output.open("a", encoding="utf-8")
+    except OSError as exc:
+        print(f"vllm-guard batch: cannot use {args.output}: {exc}", file=sys.stderr)
+        return 3
     todo = (p for p in parse_lines(args.input) if isinstance(p, Item) and p.custom_id not in done)
     headers = {"x-vllm-guard-class": args.priority_class} if args.priority_class else {}
     client = LimitedClient(
@@ -284,7 +289,6 @@ async def run_batch(args: argparse.Namespace) -> int:
     )
     loop = asyncio.get_running_loop()
     stopped: BaseException | None = None
-    out = args.output.open("a", encoding="utf-8")
     try:
         runner = Runner(client, out, args.workers, total, len(done), args.model)
         main = asyncio.current_task()
