@@ -67,18 +67,6 @@ def rotations(reps: int, names: tuple[str, ...] = PATHS) -> list[list[str]]:
     return [[*names[i % len(names) :], *names[: i % len(names)]] for i in range(reps)]
 
 
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Exposition text -> {'name{k=v,...}': value}, labels sorted."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}"] = s.value
-    return out
-
-
 def histogram_quantile(
     before: dict[str, float], after: dict[str, float], name: str, cls: str, q: float
 ) -> tuple[float, int]:

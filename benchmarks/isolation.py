@@ -41,7 +41,6 @@ from common import (
     PATH_LABELS,
     PATHS,
     histogram_quantile,
-    parse_prometheus,
     rotations,
     write_report,
 )
@@ -57,6 +56,7 @@ from vllm_guard.demo.workload import (
     warm_up,
 )
 from vllm_guard.testing.kv_pressure import engine_sample
+from vllm_guard.testing.prometheus import parse_prometheus
 from vllm_guard.testing.stack import Stack, config_text, running_stack, with_scheduler
 
 STEPS = "vllm_guard_scheduler_first_step_delay_steps"

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from common import PATH_LABELS, PATHS, parse_prometheus, rotations, write_report
+from common import PATH_LABELS, PATHS, rotations, write_report
 from plots import timelines
 
 from vllm_guard.demo.workload import new_session, probe, summary_ms, targets
@@ -47,6 +47,7 @@ from vllm_guard.testing.kv_pressure import (
     long_prompt,
     summary,
 )
+from vllm_guard.testing.prometheus import parse_prometheus
 from vllm_guard.testing.stack import Stack, running_stack, with_scheduler
 
 PLUGIN_COUNTERS = (

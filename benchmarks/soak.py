@@ -27,7 +27,7 @@ from common import write_report
 from plots import timelines
 
 from vllm_guard.engine.launcher import free_port
-from vllm_guard.testing.soak import CONFIG, KEY_VARS, Soak, summary
+from vllm_guard.testing.soak import CONFIG, HELD, KEY_VARS, Soak, summary
 from vllm_guard.testing.stack import running_stack
 
 RSS_GROWTH_BOUND_MIB = 50.0
@@ -40,9 +40,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         wall = time.monotonic() - started
     s = summary(result)
     after = s["after"]
-    held = ("vllm_guard_in_flight", "vllm_guard_queue_depth", "vllm_guard_kv_reserved_tokens")
     checks = {
-        "nothing held after (in flight, queued, KV reserved)": all(after[n] == 0 for n in held),
+        "nothing held after (in flight, queued, KV reserved)": all(after[n] == 0 for n in HELD),
         "limited tenants' concurrency whole again": all(
             v.split("/")[0] == v.split("/")[1] for k, v in after.items() if k.startswith("conc")
         ),

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from vllm_guard.testing.prometheus import parse_prometheus
 from vllm_guard.testing.stack import Stack, running_stack
 
 pytestmark = pytest.mark.integration
@@ -35,13 +35,7 @@ PROBES = 3
 
 
 def _metrics(stack: Stack) -> dict[str, float]:
-    text = httpx.get(stack.guard_url + "/metrics", timeout=30).text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}"] = s.value
-    return out
+    return parse_prometheus(httpx.get(stack.guard_url + "/metrics", timeout=30).text)
 
 
 def _client(stack: Stack, var: str) -> openai.AsyncOpenAI:

@@ -31,6 +31,7 @@ from vllm_guard.engine.scheduler import (
     check_vllm_version,
 )
 from vllm_guard.engine.tiny_model import ensure_tiny_model
+from vllm_guard.testing.prometheus import parse_prometheus
 
 BLOCK = 16
 _ids = itertools.count()
@@ -130,14 +131,7 @@ def policy(monkeypatch):
 
 def metrics(path) -> dict[str, float]:
     """The plugin's metrics file as {'name{labels}': value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out = {}
-    for family in text_string_to_metric_families(path.read_text()):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            out[f"{sample.name}{{{labels}}}"] = sample.value
-    return out
+    return parse_prometheus(path.read_text())
 
 
 def test_vllm_alone_never_makes_room_for_a_waiting_urgent_request():

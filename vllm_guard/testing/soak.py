@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import psutil
 
+from vllm_guard.testing.prometheus import parse_prometheus, total
 from vllm_guard.testing.stack import Stack
 
 CONFIG = """
@@ -45,6 +46,8 @@ tenants:
     limits: {max_concurrent: 2, requests_per_minute: 600}
 """
 KEY_VARS = ("CHAT_UI_KEY", "ETL_KEY", "REPORTS_KEY")
+HELD = ("vllm_guard_in_flight", "vllm_guard_queue_depth", "vllm_guard_kv_reserved_tokens")
+"""What the guard holds for requests: all 0 once the load has ended."""
 CONCURRENCY = {"ETL_KEY": 4, "REPORTS_KEY": 2}
 
 
@@ -61,14 +64,6 @@ class SoakResult:
 
     def count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-
-
-def _metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 class Soak:
@@ -178,21 +173,21 @@ class Soak:
 
     # -- observation ---------------------------------------------------------------------
 
-    async def _metrics(self, s: aiohttp.ClientSession) -> str:
+    async def _metrics(self, s: aiohttp.ClientSession) -> dict[str, float]:
         async with s.get(self.stack.metrics_url + "/metrics") as resp:
-            return await resp.text()
+            return parse_prometheus(await resp.text())
 
     async def _sample(self, s: aiohttp.ClientSession, guard: psutil.Process) -> None:
         while True:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                text = await self._metrics(s)
+                m = await self._metrics(s)
                 self.result.timeline.append(
                     (
                         self._now(),
                         guard.memory_info().rss / 2**20,
-                        _metric(text, "vllm_guard_in_flight"),
-                        _metric(text, "vllm_guard_queue_depth"),
-                        _metric(text, "vllm_guard_kv_reserved_tokens"),
+                        total(m, "vllm_guard_in_flight"),
+                        total(m, "vllm_guard_queue_depth"),
+                        total(m, "vllm_guard_kv_reserved_tokens"),
                         float(len(self.result.bad)),
                     )
                 )
@@ -203,28 +198,19 @@ class Soak:
         send_stall_timeout_s)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            text = await self._metrics(s)
-            if not any(
-                _metric(text, n)
-                for n in ("vllm_guard_in_flight", "vllm_guard_queue_depth",
-                          "vllm_guard_kv_reserved_tokens")
-            ):  # fmt: skip
+            m = await self._metrics(s)
+            if not any(total(m, name) for name in HELD):
                 return
             await asyncio.sleep(1)
 
     async def _check_after(self, s: aiohttp.ClientSession) -> None:
-        text = await self._metrics(s)
+        m = await self._metrics(s)
         after = self.result.after
-        for name in ("vllm_guard_in_flight", "vllm_guard_queue_depth",
-                     "vllm_guard_kv_reserved_tokens"):  # fmt: skip
-            after[name] = _metric(text, name)
-        counted = _metric(text, "vllm_guard_requests_total")
-        rejected = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("vllm_guard_rate_limited_total{") and 'action="rejected"' in line
+        for name in HELD:
+            after[name] = total(m, name)
+        after["guard_counted"] = total(m, "vllm_guard_requests_total") + total(
+            m, "vllm_guard_rate_limited_total", "action=rejected"
         )
-        after["guard_counted"] = counted + rejected
         after["client_sent"] = self.result.sent
         # Each limited tenant can run its whole max_concurrent at once again.
         for key_var, n in CONCURRENCY.items():
