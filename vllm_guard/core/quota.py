@@ -27,7 +27,7 @@ TOKENS_MINUTE = "tokens_per_minute"
 TOKENS_DAY = "tokens_per_day"
 CONCURRENCY = "max_concurrent"
 
-_PERIOD_S = {REQUESTS: 60.0, TOKENS_MINUTE: 60.0, TOKENS_DAY: 86400.0}
+PERIOD_S = {REQUESTS: 60.0, TOKENS_MINUTE: 60.0, TOKENS_DAY: 86400.0}
 
 
 class TokenBucket:
@@ -140,14 +140,17 @@ class Denied(NamedTuple):
 
 
 class Reservation:
-    """What a request was charged; settle it exactly once."""
+    """What a request was charged; settle it exactly once. `quota`: the store that holds it
+    (a shared store's requests may fall back to local buckets); `id`: its name in a shared
+    store."""
 
-    __slots__ = ("quota", "settled", "tokens")
+    __slots__ = ("id", "quota", "settled", "tokens")
 
-    def __init__(self, quota: QuotaStore, tokens: int) -> None:
+    def __init__(self, quota: object, tokens: int, id: str = "") -> None:
         self.quota = quota
         self.tokens = tokens
         self.settled = False
+        self.id = id
 
 
 class Snapshot(NamedTuple):
@@ -193,7 +196,7 @@ class TenantQuota:
             limit = getattr(limits, dim)
             if limit is not None:
                 capacity = burst.get(dim, limit)
-                self.buckets[dim] = TokenBucket(capacity, limit / _PERIOD_S[dim], now)
+                self.buckets[dim] = TokenBucket(capacity, limit / PERIOD_S[dim], now)
         self.in_flight = 0
 
     def _costs(self, tokens: int) -> list[tuple[str, TokenBucket, float]]:

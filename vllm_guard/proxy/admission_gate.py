@@ -23,6 +23,7 @@ class RefusalReason(enum.Enum):
     QUEUE_FULL = "queue_full"
     QUEUE_TIMEOUT = "queue_timeout"
     SHUTTING_DOWN = "shutting_down"
+    QUOTA_STORE_DOWN = "quota_store_unavailable"  # on_store_down: reject
 
 
 class Refused(Exception):
@@ -156,7 +157,13 @@ def refusal_responses(
             "vllm-guard is shutting down; retry after the delay in the retry-after header "
             "(another replica, or this one once it is back)."
         )
+        store_down = (
+            "vllm-guard cannot reach its shared quota store, and the class "
+            f"{c.name!r} is set to refuse requests until it can (on_store_down: reject); "
+            "retry after the delay in the retry-after header."
+        )
         for reason, message in (
+            (RefusalReason.QUOTA_STORE_DOWN, store_down),
             (RefusalReason.QUEUE_FULL, full),
             (RefusalReason.QUEUE_TIMEOUT, timeout),
             (RefusalReason.SHUTTING_DOWN, stopping),

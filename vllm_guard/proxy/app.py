@@ -19,14 +19,17 @@ import aiohttp
 
 from vllm_guard.config import CompiledConfig
 from vllm_guard.core.admission import Admission
+from vllm_guard.core.classes import Tenant
 from vllm_guard.core.quota import TenantQuota
 from vllm_guard.engine.state import EngineState
+from vllm_guard.limits.redis_store import RedisQuotaStore
+from vllm_guard.limits.shared_gate import SharedQuotaGate
 from vllm_guard.proxy import responses
 from vllm_guard.proxy.admission_gate import Gate
 from vllm_guard.proxy.clock import Clock, LoopClock
 from vllm_guard.proxy.generation import Generation
 from vllm_guard.proxy.metrics import GuardMetrics, LimitAction, render
-from vllm_guard.proxy.quota_gate import QuotaGate
+from vllm_guard.proxy.quota_gate import QuotaGate, TenantGate
 from vllm_guard.upstream.connections import (
     Upstream,
 )
@@ -81,6 +84,7 @@ class GuardApp:
             else "admitting on the guard's own KV accounting",
         )
         self._monitor_task: asyncio.Task[None] | None = None
+        self._store_task: asyncio.Task[None] | None = None
         self.metrics = GuardMetrics(
             config,
             self.admission,
@@ -88,11 +92,11 @@ class GuardApp:
             self.monitor,
             scheduler_metrics_file=scheduler_metrics_file,
         )
-        # Buckets start full; the first refill (on the loop's clock) caps them at capacity.
+        self.quota_store = _quota_store(config)
+        if self.quota_store is not None:
+            self.metrics.watch_quota_store(self.quota_store)
         self.quota_gates = {
-            name: QuotaGate(TenantQuota(t.limits, 0.0), self._delayed_by(name), self.clock)
-            for name, t in config.tenants.items()
-            if t.limits is not None
+            name: self._quota_gate(t) for name, t in config.tenants.items() if t.limits is not None
         }
         self._unavailable_headers = [
             (b"retry-after", str(config.guard.unavailable_retry_after_s).encode())
@@ -153,10 +157,16 @@ class GuardApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._monitor_task = asyncio.create_task(self.monitor.run())
+                if self.quota_store is not None:
+                    self._store_task = asyncio.create_task(self.quota_store.run())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self._monitor_task is not None:
                     self._monitor_task.cancel()
+                if self._store_task is not None:
+                    self._store_task.cancel()
+                if self.quota_store is not None:
+                    await self.quota_store.close()
                 await self.upstream.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -179,6 +189,24 @@ class GuardApp:
         hold = sample is None and eng.holds_batch_when_stale
         live = sample.kv_used_tokens if sample is not None else None
         self.gate.wake(self.admission.engine_update(live, capacity, hold))
+
+    def _quota_gate(self, tenant: Tenant) -> TenantGate:
+        assert tenant.limits is not None
+        delayed = self._delayed_by(tenant.name)
+        if self.quota_store is None:
+            # Buckets start full; the first refill (on the loop's clock) caps them.
+            return QuotaGate(TenantQuota(tenant.limits, 0.0), delayed, self.clock)
+        class_name = tenant.priority_class.name
+        return SharedQuotaGate(
+            self.quota_store,
+            tenant.name,
+            tenant.limits,
+            tenant.priority_class.on_store_down,  # type: ignore[arg-type]
+            self.config.guard.replicas,
+            delayed,
+            lambda posture: self.metrics.store_fallback(class_name, posture),
+            self.clock,
+        )
 
     def _delayed_by(self, tenant: str) -> Any:
         return lambda dimension: self.metrics.rate_limited(tenant, dimension, LimitAction.DELAYED)
@@ -217,3 +245,17 @@ class GuardApp:
         await responses.send_json(send, status, body)
 
     # -- generation ---------------------------------------------------------------------
+
+
+def _quota_store(config: CompiledConfig) -> RedisQuotaStore | None:
+    """The shared quota store `guard.quota_store` names; None for `memory`."""
+    guard = config.guard
+    if guard.quota_store == "memory":
+        return None
+    return RedisQuotaStore(
+        guard.quota_store,
+        password=config.quota_store_password,
+        ca_file=guard.quota_store_ca_file,
+        timeout_s=guard.quota_store_timeout_s,
+        lease_s=guard.quota_store_lease_s,
+    )

@@ -9,12 +9,12 @@ from typing import Any
 
 from vllm_guard.core.classes import PriorityClass, Tenant
 from vllm_guard.core.cost import Estimate, completion_budget, estimate, tokenize_request
-from vllm_guard.core.quota import Denied, QuotaStore, Reservation, go_duration
+from vllm_guard.core.quota import Denied, Reservation, go_duration
 from vllm_guard.proxy import responses
 from vllm_guard.proxy.admission_gate import RefusalReason, Refused
 from vllm_guard.proxy.clock import Clock
 from vllm_guard.proxy.metrics import GuardMetrics
-from vllm_guard.proxy.quota_gate import DRAINED, QuotaGate
+from vllm_guard.proxy.quota_gate import DRAINED, STORE_DOWN, TenantGate
 from vllm_guard.upstream.connections import Upstream
 
 
@@ -46,7 +46,7 @@ class QuotaCharge:
     async def __call__(
         self,
         send: Any,
-        quota: QuotaGate,
+        quota: TenantGate,
         tenant: str,
         path: str,
         payload: dict[str, Any],
@@ -54,14 +54,15 @@ class QuotaCharge:
     ) -> tuple[Reservation, Estimate] | None:
         """Reserve the request's cost on its tenant's quota; or answer 429 (or 400 for a
         request that can never fit) and return None, holding nothing; raises `Refused`
-        (shutting_down) when the server drains while it waits.
+        when the server drains while it waits (shutting_down), or when the shared quota
+        store is down and the class's `on_store_down` is `reject` (quota_store_unavailable).
 
         The cheap part first: one request, its concurrency slot and its completion budget
         (a lower bound on its tokens), so a request over its limit costs the engine nothing.
         Only then is the prompt counted (vLLM's /tokenize) and added. If the buckets cannot
         pay that part now, the hold is given back whole and the request waits for its full
         cost like any other (its time waited so far counts against max_wait_s)."""
-        limits = quota.quota.limits
+        limits = quota.limits
         max_wait_s = priority_class.max_wait_s if priority_class.wait_on_limit else 0.0
         clock = self.clock
         started = clock.now()
@@ -73,7 +74,7 @@ class QuotaCharge:
             await quota.reserve(est.total, max_wait_s, priority_class.max_queue), priority_class
         )
         if isinstance(held, Denied):
-            await self._rate_limited(send, tenant, quota.quota, held, est)
+            await self._rate_limited(send, tenant, quota, held, est)
             return None
         if not limits.counts_tokens:
             return held, est
@@ -85,7 +86,7 @@ class QuotaCharge:
             quota.settle(held, 0, sent=False)
             raise
         extra = est.total - held.tokens
-        if extra > 0 and not quota.quota.top_up(held, extra, clock.now()):
+        if extra > 0 and not await quota.top_up(held, extra):
             quota.settle(held, 0, sent=False)
             waited_s = clock.now() - started
             wait_s = max(0.0, max_wait_s - waited_s)
@@ -93,15 +94,14 @@ class QuotaCharge:
                 await quota.reserve(est.total, wait_s, priority_class.max_queue), priority_class
             )
             if isinstance(held, Denied):
-                await self._rate_limited(send, tenant, quota.quota, held, est)
+                await self._rate_limited(send, tenant, quota, held, est)
                 return None
         return held, est
 
     async def _rate_limited(
-        self, send: Any, tenant: str, quota: QuotaStore, denied: Denied, est: Estimate
+        self, send: Any, tenant: str, quota: TenantGate, denied: Denied, est: Estimate
     ) -> None:
-        now = self.clock.now()
-        headers = ratelimit_headers(quota, now)
+        headers = ratelimit_headers(quota)
         self.metrics.rate_limited(tenant, denied.dimension)
         if denied.retry_after_s == float("inf"):
             needs = (
@@ -129,15 +129,17 @@ class QuotaCharge:
 
 
 def _not_drained(held: Reservation | Denied | object, priority_class: PriorityClass) -> Any:
-    """`held` as it is; the drain's 503 (raised) for `DRAINED`."""
+    """`held` as it is; the 503 (raised) for `DRAINED` and `STORE_DOWN`."""
     if held is DRAINED:
         raise Refused(RefusalReason.SHUTTING_DOWN, priority_class, 0.0)
+    if held is STORE_DOWN:
+        raise Refused(RefusalReason.QUOTA_STORE_DOWN, priority_class, 0.0)
     return held
 
 
-def ratelimit_headers(quota: QuotaStore, now: float) -> list[tuple[bytes, bytes]]:
+def ratelimit_headers(quota: TenantGate) -> list[tuple[bytes, bytes]]:
     """OpenAI's x-ratelimit-* headers, for the dimensions the tenant is limited on."""
-    snap = quota.snapshot(now)
+    snap = quota.snapshot()
     headers = []
     if snap.limit_requests is not None:
         headers += [

@@ -38,7 +38,7 @@ from vllm_guard.proxy.classify import clamp_priority, resolve_class
 from vllm_guard.proxy.clock import Clock
 from vllm_guard.proxy.forward import Forwarder
 from vllm_guard.proxy.metrics import GuardMetrics, Outcome
-from vllm_guard.proxy.quota_gate import QuotaGate
+from vllm_guard.proxy.quota_gate import TenantGate
 from vllm_guard.proxy.request import (
     CLASS_HEADER_OUT,
     TOO_LARGE,
@@ -68,7 +68,7 @@ class Generation:
         upstream: Upstream,
         admission: Admission,
         gate: Gate,
-        quota_gates: Mapping[str, QuotaGate],
+        quota_gates: Mapping[str, TenantGate],
         metrics: GuardMetrics,
         monitor: EngineMonitor,
         clock: Clock,
@@ -181,7 +181,7 @@ class Generation:
         # `arrived`: the guard has the whole request now (latency and quota-ms count from here).
         req.usage = RequestUsage(asked_for_usage(payload), self.clock.now())
         req.quota = self.quota_gates.get(req.tenant.name)
-        counts_tokens = req.quota is not None and req.quota.quota.limits.counts_tokens
+        counts_tokens = req.quota is not None and req.quota.limits.counts_tokens
         if counts_tokens and request.stream and not req.usage.wants_usage:
             # The guard settles with the stream's usage chunk (dropped before the client).
             options = payload.get("stream_options")
@@ -218,7 +218,7 @@ class Generation:
             charged = await self.charge(
                 send, quota, req.tenant.name, req.path, parsed.payload, req.priority_class
             )
-        except Refused as refused:  # the server drains
+        except Refused as refused:  # the server drains, or the quota store is down
             retry_s = float(self.config.guard.unavailable_retry_after_s)
             await self._refuse(send, Refused(refused.reason, refused.priority_class, retry_s))
             return False
@@ -226,7 +226,7 @@ class Generation:
             return False  # refused (429 or 400), nothing held
         req.reservation, req.est = charged
         charged_at = self.clock.now()
-        req.guard_headers += ratelimit_headers(quota.quota, charged_at)
+        req.guard_headers += ratelimit_headers(quota)
         quota_ms = (charged_at - req.usage.arrived) * 1000
         req.guard_headers.append((_QUOTA_HEADER, f"{quota_ms:.1f}".encode()))
         return True

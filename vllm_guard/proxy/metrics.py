@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -39,6 +39,7 @@ class Outcome(enum.StrEnum):
     QUEUE_FULL = "queue_full"  # refused: the class's queue was full
     QUEUE_TIMEOUT = "queue_timeout"  # refused: waited max_wait_s without a slot
     SHUTTING_DOWN = "shutting_down"  # refused: waiting (or arriving) when a drain began
+    QUOTA_STORE_DOWN = "quota_store_unavailable"  # refused: Redis down, on_store_down: reject
     WAITING_MEMORY_FULL = "waiting_memory_full"  # refused: max_waiting_body_bytes reached
     ENGINE_UNAVAILABLE = "engine_unavailable"
     UPSTREAM_ERROR = "upstream_error"  # connection lost or timed out after admission
@@ -155,6 +156,43 @@ class _SchedulerPluginCollector(Collector):
         yield from text_string_to_metric_families(text)
 
 
+class _QuotaStoreCollector(Collector):
+    """The shared quota store's health, read at each scrape."""
+
+    def __init__(self, store: QuotaStoreHealth) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        store = self._store
+        yield GaugeMetricFamily(
+            "vllm_guard_quota_store_up",
+            "1 while the shared quota store (Redis) answers; 0 while each class's "
+            "on_store_down decides.",
+            value=float(store.up),
+        )
+        yield CounterMetricFamily(
+            "vllm_guard_quota_store_errors",
+            "Calls to the quota store that failed or missed guard.quota_store_timeout_s.",
+            value=store.failures,
+        )
+        yield GaugeMetricFamily(
+            "vllm_guard_quota_store_pending_settles",
+            "Settles (and refunds of unanswered reserves) kept until Redis answers again.",
+            value=store.pending,
+        )
+
+
+class QuotaStoreHealth(Protocol):
+    @property
+    def up(self) -> bool: ...
+
+    @property
+    def failures(self) -> int: ...
+
+    @property
+    def pending(self) -> int: ...
+
+
 class GuardMetrics:
     def __init__(
         self,
@@ -239,9 +277,28 @@ class GuardMetrics:
         self._duration = {name: duration.labels(name) for name in names}
         self._ttft = {name: ttft.labels(name) for name in names}
         self.registry.register(_StateCollector(admission, engine, monitor))
+        fallback = Counter(
+            "vllm_guard_quota_store_fallback",
+            "Requests decided by their class's on_store_down because the shared quota store "
+            "could not be reached: served on this replica's share of the limit "
+            "(posture=local) or refused with 503 (posture=reject).",
+            ["class", "posture"],
+            registry=self.registry,
+        )
+        self._fallback = {
+            (name, posture): fallback.labels(name, posture)
+            for name in names
+            for posture in ("local", "reject")
+        }
         plugin_file = scheduler_metrics_file or config.engine.scheduler_metrics_file
         if plugin_file is not None:
             self.registry.register(_SchedulerPluginCollector(Path(plugin_file)))
+
+    def watch_quota_store(self, store: QuotaStoreHealth) -> None:
+        self.registry.register(_QuotaStoreCollector(store))
+
+    def store_fallback(self, class_name: str, posture: str) -> None:
+        self._fallback[class_name, posture].inc()
 
     def count(self, class_name: str, outcome: Outcome) -> None:
         self.outcome[class_name, outcome].inc()

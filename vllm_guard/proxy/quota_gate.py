@@ -16,8 +16,9 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
-from vllm_guard.core.quota import CONCURRENCY, Denied, QuotaStore, Reservation
+from vllm_guard.core.quota import CONCURRENCY, Denied, Limits, QuotaStore, Reservation, Snapshot
 from vllm_guard.proxy.clock import Clock, LoopClock, TimerHandle
 
 
@@ -34,6 +35,41 @@ class _Waiter:
 
 DRAINED = object()
 """What `reserve` returns once the server drains: the request is refused (503)."""
+STORE_DOWN = object()
+"""What a shared store's `reserve` returns while it cannot be reached and the class's
+`on_store_down` is `reject`: the request is refused (503)."""
+
+
+class TenantGate(Protocol):
+    """One tenant's quota as the request path sees it (`proxy/charge.py`, `generation.py`):
+    `QuotaGate` over this process's buckets, or `SharedQuotaGate` over Redis."""
+
+    @property
+    def limits(self) -> Limits: ...
+
+    @property
+    def waiting(self) -> int: ...
+
+    async def reserve(
+        self, tokens: int, max_wait_s: float, max_waiting: int = 1000
+    ) -> Reservation | Denied | object:
+        """A reservation of `tokens`, possibly after waiting up to `max_wait_s`; the
+        refusal (`Denied`); or `DRAINED` / `STORE_DOWN`."""
+        ...
+
+    async def top_up(self, reservation: Reservation, tokens: int) -> bool:
+        """Add `tokens` to an open reservation now, or nothing (False)."""
+        ...
+
+    def settle(self, reservation: Reservation, used_tokens: int, sent: bool = True) -> None:
+        """End a request: what it used (`sent=False`: the engine never saw it)."""
+        ...
+
+    def snapshot(self) -> Snapshot:
+        """The numbers behind the x-ratelimit-* headers."""
+        ...
+
+    def drain(self) -> None: ...
 
 
 class QuotaGate:
@@ -57,13 +93,23 @@ class QuotaGate:
     def waiting(self) -> int:
         return self._live
 
+    @property
+    def limits(self) -> Limits:
+        return self.quota.limits
+
+    async def top_up(self, reservation: Reservation, tokens: int) -> bool:
+        return self.quota.top_up(reservation, tokens, self._clock.now())
+
+    def snapshot(self) -> Snapshot:
+        return self.quota.snapshot(self._clock.now())
+
     def refusal(self, tokens: int, max_wait_s: float, max_waiting: int = 1000) -> Denied | None:
         """The refusal `reserve` answers at once for a request of `tokens`, or None when it
         would be admitted or wait."""
         now = self._clock.now()
         denied = self.quota.check(tokens, now)
         if not self._live:
-            if denied is not None and not _worth_waiting(denied, max_wait_s):
+            if denied is not None and not worth_waiting(denied, max_wait_s):
                 return denied
             return None
         if denied is not None and denied.retry_after_s == math.inf:
@@ -181,7 +227,8 @@ class QuotaGate:
             self._timer = self._clock.call_at(next_at, self._wake)
 
 
-def _worth_waiting(denied: Denied, max_wait_s: float) -> bool:
+def worth_waiting(denied: Denied, max_wait_s: float) -> bool:
+    """Whether waiting up to `max_wait_s` can turn `denied` into a reservation."""
     if denied.dimension == CONCURRENCY:
         return max_wait_s > 0
     return denied.retry_after_s <= max_wait_s

@@ -12,7 +12,7 @@ from vllm_guard.core.cost import Estimate
 from vllm_guard.core.quota import Reservation
 from vllm_guard.proxy.body import ParsedRequest
 from vllm_guard.proxy.classify import CLASS_HEADER
-from vllm_guard.proxy.quota_gate import QuotaGate
+from vllm_guard.proxy.quota_gate import TenantGate
 from vllm_guard.proxy.usage import RequestUsage
 from vllm_guard.upstream.connections import FORWARDED_REQUEST_HEADERS
 
@@ -81,7 +81,7 @@ class Request:
         self.usage = RequestUsage(False, arrived)
         self.parsed: ParsedRequest = NO_BODY
         self.body = b""
-        self.quota: QuotaGate | None = None
+        self.quota: TenantGate | None = None
         self.reservation: Reservation | None = None
         self.est = Estimate(0, 0, True)
         self.guard_headers = [(CLASS_HEADER_OUT, priority_class.header_value)]

@@ -1,0 +1,134 @@
+"""A tenant's gate over the Redis store: waiting across replicas, the on_store_down
+postures, the local share, and draining."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from vllm_guard.core.quota import CONCURRENCY, Denied, Limits, Reservation
+from vllm_guard.limits.shared_gate import SharedQuotaGate, split_limits
+from vllm_guard.proxy.quota_gate import DRAINED, STORE_DOWN
+from vllm_guard.testing.redis_server import RedisServer
+
+
+def gate(store, limits, posture="local", replicas=3, **kw):
+    return SharedQuotaGate(store, "acme", limits, posture, replicas, **kw)
+
+
+async def test_a_waiter_is_admitted_when_another_replica_releases(stores):
+    limits = Limits(max_concurrent=1)
+    a, b = gate(stores[0], limits), gate(stores[1], limits)
+    held = await a.reserve(0, max_wait_s=0)
+    assert isinstance(held, Reservation)
+    waiting = asyncio.create_task(b.reserve(0, max_wait_s=5))
+    await asyncio.sleep(0.2)
+    assert not waiting.done() and b.waiting == 1
+    released = time.monotonic()
+    a.settle(held, 0)
+    got = await asyncio.wait_for(waiting, 2)
+    assert isinstance(got, Reservation)
+    assert time.monotonic() - released < 0.5  # the head asks again within POLL_S
+    b.settle(got, 0)
+
+
+async def test_waiters_keep_their_order_and_time_out_with_the_refusal(stores):
+    limits = Limits(max_concurrent=1)
+    a, b = gate(stores[0], limits), gate(stores[1], limits)
+    held = await a.reserve(0, max_wait_s=0)
+    assert isinstance(held, Reservation)
+    first = asyncio.create_task(b.reserve(0, max_wait_s=5))
+    late = asyncio.create_task(b.reserve(0, max_wait_s=0.3))
+    timed_out = await asyncio.wait_for(late, 2)
+    assert isinstance(timed_out, Denied) and timed_out.dimension == CONCURRENCY
+    a.settle(held, 0)
+    assert isinstance(await asyncio.wait_for(first, 2), Reservation)
+
+
+async def test_a_cancelled_waiter_holds_nothing(stores):
+    limits = Limits(max_concurrent=1)
+    a, b = gate(stores[0], limits), gate(stores[1], limits)
+    held = await a.reserve(0, max_wait_s=0)
+    waiting = asyncio.create_task(b.reserve(0, max_wait_s=5))
+    await asyncio.sleep(0.1)
+    waiting.cancel()
+    a.settle(held, 0)
+    await asyncio.sleep(0.2)
+    again = await a.reserve(0, max_wait_s=0)
+    assert isinstance(again, Reservation)  # the cancelled waiter took no slot
+    assert b.waiting == 0
+
+
+async def test_store_down_rejects_or_falls_back_to_this_replicas_share(
+    redis_server: RedisServer, stores
+):
+    rate, slots = Limits(requests_per_minute=30), Limits(max_concurrent=3)
+    reject = gate(stores[0], rate, "reject")
+    local, local_slots = gate(stores[0], rate, "local"), gate(stores[0], slots, "local")
+    fallbacks: list[str] = []
+    local.on_fallback = reject.on_fallback = fallbacks.append
+    redis_server.stop()
+    assert await reject.reserve(1, max_wait_s=0) is STORE_DOWN
+    # local: 30 a minute across 3 replicas is 10 here; 3 concurrent is 1 here.
+    granted = []
+    while isinstance(got := await local.reserve(1, max_wait_s=0), Reservation):
+        granted.append(got)
+        assert len(granted) <= 10
+    assert len(granted) == 10 and all(r.quota is not local for r in granted)
+    assert local.snapshot().limit_requests == 10  # the headers say what this replica keeps
+    first = await local_slots.reserve(1, max_wait_s=0)
+    assert isinstance(first, Reservation)
+    second = await local_slots.reserve(1, max_wait_s=0)
+    assert isinstance(second, Denied) and second.dimension == CONCURRENCY
+    local_slots.settle(first, 1)
+    assert isinstance(await local_slots.reserve(1, max_wait_s=0), Reservation)
+    assert fallbacks[:2] == ["reject", "local"]
+
+
+def test_split_limits_divides_rates_capacities_and_concurrency():
+    limits = Limits(
+        requests_per_minute=90,
+        tokens_per_minute=9000,
+        max_concurrent=4,
+        burst={"tokens_per_minute": 3000},
+    )
+    part = split_limits(limits, 3)
+    assert part.requests_per_minute == 30
+    assert part.tokens_per_minute == 3000
+    assert part.burst == {"tokens_per_minute": 1000}
+    assert part.max_concurrent == 1
+    assert split_limits(Limits(max_concurrent=2), 3).max_concurrent == 1
+    assert split_limits(limits, 1) is limits
+
+
+async def test_drain_answers_waiters_and_new_requests(stores):
+    limits = Limits(max_concurrent=1)
+    a = gate(stores[0], limits)
+    held = await a.reserve(0, max_wait_s=0)
+    waiting = asyncio.create_task(a.reserve(0, max_wait_s=5))
+    await asyncio.sleep(0.05)
+    a.drain()
+    assert await waiting is DRAINED
+    assert await a.reserve(0, max_wait_s=5) is DRAINED
+    a.settle(held, 0)
+
+
+@pytest.mark.parametrize("posture", ["local", "reject"])
+async def test_waiters_move_to_the_posture_when_redis_goes_away(
+    redis_server: RedisServer, stores, posture
+):
+    limits = Limits(max_concurrent=1)
+    a = gate(stores[0], limits, posture)
+    held = await a.reserve(0, max_wait_s=0)
+    waiting = asyncio.create_task(a.reserve(0, max_wait_s=5))
+    await asyncio.sleep(0.1)
+    redis_server.stop()
+    got = await asyncio.wait_for(waiting, 2)
+    if posture == "reject":
+        assert got is STORE_DOWN
+    else:
+        assert isinstance(got, Reservation) and got.quota is not a
+    a.settle(held, 0)  # kept for Redis's return
+    assert stores[0].pending >= 1

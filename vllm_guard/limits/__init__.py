@@ -1,0 +1,1 @@
+"""Tenant quotas shared by guard replicas (Redis)."""

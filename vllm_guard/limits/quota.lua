@@ -1,0 +1,142 @@
+-- One tenant's buckets, reservations and concurrency leases, shared by guard replicas.
+-- The same arithmetic as vllm_guard/core/quota.py (TokenBucket, TenantQuota), run
+-- atomically in Redis on Redis's own clock.
+--
+-- KEYS[1] hash  buckets: "<dim>:l" level, "<dim>:r" reserved, "<dim>:u" updated (s)
+-- KEYS[2] hash  open reservations: id -> tokens
+-- KEYS[3] zset  concurrency leases: id -> expiry (s, Redis time)
+-- ARGV: op, id, tokens, lease_s, max_concurrent (-1: none), n, then n times
+--       (dimension, capacity, rate per s, "r" for the requests dimension or "t")
+-- op: check | reserve | top_up | settle (tokens = used; id "!" + id: never sent) | renew
+-- Returns {granted 0/1, refusing dimension or "", retry_after_s, in_flight, level...};
+-- numbers as strings (Lua numbers would be truncated to integers on the way out).
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local op, id = ARGV[1], ARGV[2]
+local tokens, lease_s, max_conc = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
+local KEEP_MS = 2 * 86400 * 1000  -- longer than the slowest bucket (a day) takes to refill
+
+local function num(x) return string.format('%.17g', x) end
+
+if op == 'renew' then  -- ARGV[7..]: the ids this replica still runs
+  for i = 7, #ARGV do redis.call('ZADD', KEYS[3], 'XX', now + lease_s, ARGV[i]) end
+  return {1, '', '0', '0'}
+end
+
+local dims = {}
+for i = 0, n - 1 do
+  local b = 7 + i * 4
+  local d = {name = ARGV[b], cap = tonumber(ARGV[b + 1]), rate = tonumber(ARGV[b + 2]),
+             per_request = ARGV[b + 3] == 'r'}
+  local v = redis.call('HMGET', KEYS[1], d.name .. ':l', d.name .. ':r', d.name .. ':u')
+  d.level = tonumber(v[1]) or d.cap  -- a new bucket starts full
+  d.reserved = tonumber(v[2]) or 0
+  local updated = tonumber(v[3]) or now
+  d.level = math.min(d.level, d.cap)  -- a lowered limit clips, never refills
+  if now > updated then
+    d.level = math.max(d.level, math.min(d.cap - d.reserved, d.level + (now - updated) * d.rate))
+  end
+  dims[#dims + 1] = d
+end
+
+local function settle(d, reserved, used)
+  d.reserved = math.max(0, d.reserved - reserved)
+  d.level = d.level + reserved - used
+end
+
+-- Leases of replicas that stopped renewing: their requests count as having used all
+-- they reserved (nobody can say less), and their concurrency frees.
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+for _, gone in ipairs(expired) do
+  local held = tonumber(redis.call('HGET', KEYS[2], gone) or '0')
+  for _, d in ipairs(dims) do
+    local cost = d.per_request and 1 or held
+    settle(d, cost, cost)
+  end
+  redis.call('HDEL', KEYS[2], gone)
+  redis.call('ZREM', KEYS[3], gone)
+end
+
+local function cost_of(d, amount)
+  if d.per_request then return 1 end
+  return amount
+end
+
+local function refusal(amount, token_dims_only)
+  local worst, wait = '', 0
+  for _, d in ipairs(dims) do
+    if not (token_dims_only and d.per_request) then
+      local cost = cost_of(d, amount)
+      local w = 0
+      if cost > d.cap then w = math.huge
+      elseif cost > d.level then w = (cost - d.level) / d.rate end
+      if w > wait then worst, wait = d.name, w end
+    end
+  end
+  return worst, wait
+end
+
+local granted, worst, wait = 0, '', 0
+if op == 'check' or op == 'reserve' then
+  if op == 'reserve' and redis.call('HEXISTS', KEYS[2], id) == 1 then
+    granted = 1  -- a retried reserve whose first answer was lost: charged once
+  else
+    worst, wait = refusal(tokens, false)
+    if worst == '' and max_conc >= 0 and redis.call('ZCARD', KEYS[3]) >= max_conc then
+      worst = 'max_concurrent'
+    end
+    if worst == '' and op == 'reserve' then
+      for _, d in ipairs(dims) do
+        local cost = cost_of(d, tokens)
+        d.level = d.level - cost
+        d.reserved = d.reserved + cost
+      end
+      redis.call('HSET', KEYS[2], id, num(tokens))
+      redis.call('ZADD', KEYS[3], now + lease_s, id)
+      granted = 1
+    end
+  end
+elseif op == 'top_up' then
+  if redis.call('HEXISTS', KEYS[2], id) == 1 then
+    worst, wait = refusal(tokens, true)
+    if worst == '' then
+      for _, d in ipairs(dims) do
+        if not d.per_request then
+          d.level = d.level - tokens
+          d.reserved = d.reserved + tokens
+        end
+      end
+      redis.call('HINCRBYFLOAT', KEYS[2], id, num(tokens))
+      granted = 1
+    end
+  else
+    worst = 'expired'  -- its lease ran out: the caller reserves anew
+  end
+elseif op == 'settle' then
+  local sent = string.sub(id, 1, 1) ~= '!'
+  if not sent then id = string.sub(id, 2) end
+  local held = redis.call('HGET', KEYS[2], id)
+  if held then  -- else settled already, or expired (and charged whole)
+    held = tonumber(held)
+    for _, d in ipairs(dims) do
+      if d.per_request then settle(d, 1, sent and 1 or 0)
+      else settle(d, held, sent and tokens or 0) end
+    end
+    redis.call('HDEL', KEYS[2], id)
+    redis.call('ZREM', KEYS[3], id)
+    granted = 1
+  end
+end
+
+local out = {granted, worst, num(wait), tostring(redis.call('ZCARD', KEYS[3]))}
+if op ~= 'check' or #expired > 0 then
+  for _, d in ipairs(dims) do
+    redis.call('HSET', KEYS[1], d.name .. ':l', num(d.level), d.name .. ':r', num(d.reserved),
+               d.name .. ':u', num(now))
+  end
+  for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], KEEP_MS) end
+end
+for _, d in ipairs(dims) do out[#out + 1] = num(d.level) end
+return out

@@ -1,0 +1,317 @@
+"""Tenant quotas shared by guard replicas through Redis.
+
+One Lua script (`quota.lua`) does each operation — reserve (all dimensions or none),
+top up, settle, renew — atomically, on Redis's own clock, with the same bucket arithmetic
+as `core/quota.py`. Concurrency is a set of leases, one per open reservation, which this
+replica renews while its requests run: a replica that dies stops renewing, its leases
+expire, and its requests count as having used everything they reserved.
+
+Reservations carry ids. A reserve whose answer never came (a timeout: Redis may or may not
+have run it) is refunded as soon as Redis answers again, and expires with its lease if it
+never does: never charged for good, never admitted twice.
+
+`RedisQuotaStore` is the connection (one per guard) and its health: every call has a
+deadline in milliseconds; the first that fails marks the store down, a probe brings it back
+up within `PROBE_INTERVAL_S` of Redis answering. What a request does meanwhile is its
+class's `on_store_down` (see `limits/shared_gate.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from vllm_guard.core.quota import (
+    CONCURRENCY,
+    PERIOD_S,
+    REQUESTS,
+    TOKENS_DAY,
+    TOKENS_MINUTE,
+    Denied,
+    Limits,
+)
+
+log = logging.getLogger("vllm_guard.limits.redis")
+
+_SCRIPT = resources.files("vllm_guard.limits").joinpath("quota.lua").read_text()
+PROBE_INTERVAL_S = 0.5
+"""While Redis is down: how often it is asked whether it is back."""
+MAX_PENDING_SETTLES = 100_000
+"""Settles (and refunds of unanswered reserves) kept for Redis's return; beyond, the oldest
+are dropped and their leases' expiry charges them in full."""
+
+
+class StoreDown(Exception):
+    """Redis did not answer in time, or refused: the store counts as down."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the script answered."""
+
+    granted: bool
+    denied: Denied | None
+    in_flight: int
+    levels: tuple[float, ...]
+    """Each dimension's bucket level after the operation, in `TenantKeys.dimensions` order."""
+
+
+class TenantKeys:
+    """One tenant's keys and the script arguments that describe its limits (built once)."""
+
+    __slots__ = ("dimensions", "keys", "limits", "spec")
+
+    def __init__(self, prefix: str, tenant: str, limits: Limits) -> None:
+        # One hash tag, so the three keys live in one slot of a Redis Cluster.
+        tag = f"{prefix}{{{tenant}}}"
+        self.keys = (f"{tag}:buckets", f"{tag}:reservations", f"{tag}:leases")
+        self.limits = limits
+        burst = limits.burst or {}
+        self.dimensions: list[tuple[str, float, float]] = []  # (name, capacity, rate per s)
+        spec: list[Any] = []
+        for dim in (REQUESTS, TOKENS_MINUTE, TOKENS_DAY):
+            limit = getattr(limits, dim)
+            if limit is not None:
+                capacity, rate = burst.get(dim, limit), limit / PERIOD_S[dim]
+                self.dimensions.append((dim, capacity, rate))
+                spec += [dim, repr(capacity), repr(rate), "r" if dim == REQUESTS else "t"]
+        cap = limits.max_concurrent
+        self.spec = [-1 if cap is None else cap, len(self.dimensions), *spec]
+
+    def limit_of(self, dimension: str) -> float:
+        return float(getattr(self.limits, dimension))
+
+
+class RedisQuotaStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        password: str | None = None,
+        ca_file: str | None = None,
+        timeout_s: float = 0.1,
+        lease_s: float = 30.0,
+        prefix: str = "vllm-guard:",
+        on_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        """`timeout_s`: the deadline of every Redis call (connecting included);
+        `lease_s`: how long a concurrency lease lives unless renewed (renewed every third
+        of it); `on_change(up)`: told when the store goes down or comes back."""
+        options: dict[str, Any] = {}
+        if ca_file is not None:
+            options["ssl_ca_certs"] = ca_file
+        self.client = aioredis.Redis.from_url(
+            url,
+            password=password,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),  # a failure is news now, not after retries
+            retry_on_timeout=False,
+            health_check_interval=0,
+            **options,
+        )
+        self._script = self.client.register_script(_SCRIPT)
+        self.timeout_s = timeout_s
+        self.lease_s = lease_s
+        self.prefix = prefix
+        self.up = True
+        self.failures = 0  # calls that failed (timeouts and errors)
+        self.down_since: float | None = None
+        self._on_change = on_change
+        self._ids = itertools.count()
+        self._replica = secrets.token_hex(6)
+        self._open: dict[str, TenantKeys] = {}  # this replica's open reservations: id -> keys
+        self._pending: dict[str, tuple[TenantKeys, int, bool]] = {}  # settles Redis missed
+        self._back = asyncio.Event()
+        self._settling: set[asyncio.Future[None]] = set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def keys_for(self, tenant: str, limits: Limits) -> TenantKeys:
+        return TenantKeys(self.prefix, tenant, limits)
+
+    def new_id(self) -> str:
+        return f"{self._replica}:{next(self._ids)}"
+
+    # -- operations -----------------------------------------------------------------------
+
+    async def check(self, keys: TenantKeys, tokens: int) -> Reply:
+        return await self._call(keys, "check", "", tokens)
+
+    async def reserve(self, keys: TenantKeys, reservation_id: str, tokens: int) -> Reply:
+        """Reserve `tokens` (and one request, and a concurrency lease) under an id made by
+        `new_id`. Raises `StoreDown` — and then refunds the id once Redis is back, in case
+        the script ran and only its answer was lost."""
+        try:
+            reply = await self._call(keys, "reserve", reservation_id, tokens)
+        except StoreDown:
+            self._pending[reservation_id] = (keys, 0, False)
+            raise
+        if reply.granted:
+            self._open[reservation_id] = keys
+        return reply
+
+    async def top_up(self, keys: TenantKeys, reservation_id: str, tokens: int) -> Reply:
+        """Add `tokens` to an open reservation on every token bucket, or none."""
+        return await self._call(keys, "top_up", reservation_id, tokens)
+
+    async def settle(self, keys: TenantKeys, reservation_id: str, used: int, sent: bool) -> None:
+        """End a reservation (see `TenantQuota.settle`); kept for Redis's return if it is down."""
+        self._open.pop(reservation_id, None)
+        if not self.up:
+            self._keep(reservation_id, keys, used, sent)
+            return
+        try:
+            await self._call(keys, "settle", ("" if sent else "!") + reservation_id, used)
+        except StoreDown:
+            self._keep(reservation_id, keys, used, sent)
+
+    def settle_soon(
+        self,
+        keys: TenantKeys,
+        reservation_id: str,
+        used: int,
+        sent: bool,
+        then: Callable[[], object] | None = None,
+    ) -> None:
+        """`settle` in the background (the request path does not wait for Redis to end a
+        request); `then()` once it is done."""
+        task = asyncio.ensure_future(self.settle(keys, reservation_id, used, sent))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        if then is not None:
+            task.add_done_callback(lambda _: then())
+
+    def _keep(self, reservation_id: str, keys: TenantKeys, used: int, sent: bool) -> None:
+        if len(self._pending) >= MAX_PENDING_SETTLES:
+            self._pending.pop(next(iter(self._pending)))
+        self._pending[reservation_id] = (keys, used, sent)
+
+    async def _call(self, keys: TenantKeys, op: str, rid: str, tokens: int) -> Reply:
+        if not self.up:
+            raise StoreDown("Redis is down")
+        args = [op, rid, tokens, self.lease_s, *keys.spec]
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                raw = await self._script(keys=keys.keys, args=args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.failures += 1
+            self._went_down(exc)
+            raise StoreDown(str(exc) or type(exc).__name__) from None
+        return _reply(keys, raw)
+
+    # -- health and leases ------------------------------------------------------------------
+
+    def _went_down(self, exc: BaseException) -> None:
+        if not self.up:
+            return
+        self.up = False
+        self.down_since = asyncio.get_running_loop().time()
+        self._back.clear()
+        log.warning(
+            "the quota store (Redis) did not answer (%s): each class's on_store_down applies "
+            "until it does",
+            type(exc).__name__,
+        )
+        if self._on_change is not None:
+            self._on_change(False)
+
+    async def wait_up(self) -> None:
+        await self._back.wait()
+
+    async def run(self) -> None:
+        """Renew this replica's leases every third of `lease_s`; while Redis is down, probe
+        it every `PROBE_INTERVAL_S` and, when it answers, send the settles it missed."""
+        renew_every = self.lease_s / 3
+        next_renew = asyncio.get_running_loop().time() + renew_every
+        while True:
+            now = asyncio.get_running_loop().time()
+            if not self.up:
+                await asyncio.sleep(PROBE_INTERVAL_S)
+                if await self._probe():
+                    await self._flush_pending()
+                continue
+            if now >= next_renew:
+                next_renew = now + renew_every
+                await self._renew()
+            await asyncio.sleep(min(PROBE_INTERVAL_S, max(0.0, next_renew - now)))
+
+    async def _probe(self) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.client.ping()
+        except (RedisError, OSError, TimeoutError):
+            return False
+        down_for = asyncio.get_running_loop().time() - (self.down_since or 0.0)
+        self.up = True
+        self.down_since = None
+        self._back.set()
+        log.warning("the quota store (Redis) answers again after %.1f s", down_for)
+        if self._on_change is not None:
+            self._on_change(True)
+        return True
+
+    async def _flush_pending(self) -> None:
+        while self._pending and self.up:
+            rid, (keys, used, sent) = next(iter(self._pending.items()))
+            try:
+                await self._call(keys, "settle", ("" if sent else "!") + rid, used)
+            except StoreDown:
+                return
+            self._pending.pop(rid, None)
+        await self._renew()
+
+    async def _renew(self) -> None:
+        by_tenant: dict[tuple[str, ...], list[str]] = {}
+        for rid, keys in list(self._open.items()):
+            by_tenant.setdefault(keys.keys, []).append(rid)
+        for key_names, ids in by_tenant.items():
+            try:
+                async with asyncio.timeout(self.timeout_s * 4):
+                    await self._script(
+                        keys=key_names, args=["renew", "", 0, self.lease_s, -1, 0, *ids]
+                    )
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.failures += 1
+                self._went_down(exc)
+                return
+
+    async def close(self) -> None:
+        """Let the settles under way finish (briefly), then close the connections."""
+        if self._settling:
+            await asyncio.wait(self._settling, timeout=max(1.0, self.timeout_s * 4))
+        await self.client.aclose()
+
+
+def _reply(keys: TenantKeys, raw: Sequence[Any]) -> Reply:
+    granted, dim, wait, in_flight = raw[:4]
+    levels = tuple(float(x) for x in raw[4:])
+    denied = None
+    dimension = dim.decode() if isinstance(dim, bytes) else str(dim)
+    if dimension == CONCURRENCY:
+        denied = Denied(CONCURRENCY, keys.limit_of(CONCURRENCY), 0.0)
+    elif dimension and dimension != "expired":
+        denied = Denied(dimension, keys.limit_of(dimension), float(wait))
+    return Reply(bool(int(granted)), denied, int(in_flight), levels)
+
+
+def remaining_and_reset(keys: TenantKeys, levels: Sequence[float], dim: str) -> tuple[int, float]:
+    """A dimension's remaining (whole) and seconds until full, from a reply's levels."""
+    for (name, capacity, rate), level in zip(keys.dimensions, levels, strict=False):
+        if name == dim:
+            return max(0, math.floor(level)), max(0.0, (capacity - level) / rate)
+    return 0, 0.0

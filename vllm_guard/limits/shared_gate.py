@@ -1,0 +1,298 @@
+"""One tenant's quota in the shared (Redis) store, as the request path sees it.
+
+The same contract as `proxy/quota_gate.QuotaGate` (the `TenantGate` protocol): a request
+reserves at once, or waits in the tenant's FIFO for up to its class's `max_wait_s`, or is
+refused. What differs is where the buckets live: every replica charges the same ones, so a
+release on another replica is news only when Redis is asked again — the head of the queue
+asks again after the wait the script names, at most `POLL_S` later (a concurrency slot
+has no refill time), and at once when a request of this replica settles.
+
+While Redis cannot be reached, the tenant's class decides (`on_store_down`): `reject`
+answers 503 with retry-after; `local` charges this replica's own buckets at the limit
+divided by `guard.replicas`, so the replicas together stay within the limit. Requests
+admitted either way settle where they were charged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Literal
+
+from vllm_guard.core.quota import (
+    CONCURRENCY,
+    REQUESTS,
+    TOKENS_DAY,
+    TOKENS_MINUTE,
+    Denied,
+    Limits,
+    Reservation,
+    Snapshot,
+    TenantQuota,
+)
+from vllm_guard.limits.redis_store import RedisQuotaStore, StoreDown, remaining_and_reset
+from vllm_guard.proxy.clock import Clock, LoopClock
+from vllm_guard.proxy.quota_gate import DRAINED, STORE_DOWN, QuotaGate, worth_waiting
+
+POLL_S = 0.05
+"""Longest a waiting head goes without asking Redis again (others' releases are unseen)."""
+
+_UNREACHABLE = object()  # a waiter's answer when Redis went away while it waited
+
+OnStoreDown = Literal["reject", "local"]
+
+
+class _Waiter:
+    __slots__ = ("deadline", "future", "tokens")
+
+    def __init__(self, tokens: int, deadline: float, future: asyncio.Future[object]) -> None:
+        self.tokens = tokens
+        self.deadline = deadline
+        self.future = future
+
+
+class SharedQuotaGate:
+    def __init__(
+        self,
+        store: RedisQuotaStore,
+        tenant: str,
+        limits: Limits,
+        on_store_down: OnStoreDown,
+        replicas: int,
+        on_delay: Callable[[str], None] | None = None,
+        on_fallback: Callable[[OnStoreDown], None] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        """`on_delay(dimension)`: a request has to wait; `on_fallback(posture)`: a request
+        was decided by `on_store_down` because Redis could not be reached."""
+        self.store = store
+        self.keys = store.keys_for(tenant, limits)
+        self._limits = limits
+        self.posture = on_store_down
+        self._clock = clock or LoopClock()
+        self.local = QuotaGate(TenantQuota(split_limits(limits, replicas), 0.0), on_delay, clock)
+        self.on_delay = on_delay
+        self.on_fallback = on_fallback
+        self._levels: tuple[float, ...] | None = None  # the buckets as Redis last said
+        self._waiters: deque[_Waiter] = deque()
+        self._deadlines: list[tuple[float, int, _Waiter]] = []
+        self._seq = itertools.count()
+        self._live = 0
+        self._last_denied: Denied | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+        self.draining = False
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def waiting(self) -> int:
+        return self._live + self.local.waiting
+
+    # -- reserve ----------------------------------------------------------------------------
+
+    async def reserve(
+        self, tokens: int, max_wait_s: float, max_waiting: int = 1000
+    ) -> Reservation | Denied | object:
+        if self.draining:
+            return DRAINED
+        if not self.store.up:
+            return await self._without_store(tokens, max_wait_s, max_waiting)
+        now = self._clock.now()
+        if not self._live:
+            try:
+                result = await self._try(tokens)
+            except StoreDown:
+                return await self._without_store(tokens, max_wait_s, max_waiting)
+            if isinstance(result, Reservation):
+                return result
+            if not worth_waiting(result, max_wait_s):
+                return result
+            denied: Denied = result
+        elif self._live >= max_waiting:
+            return self._head_denial()
+        else:
+            denied = self._head_denial()
+        if self.on_delay is not None:
+            self.on_delay(denied.dimension)
+        waiter = _Waiter(tokens, now + max_wait_s, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        heapq.heappush(self._deadlines, (waiter.deadline, next(self._seq), waiter))
+        self._live += 1
+        if self._pump is None:
+            self._pump = asyncio.create_task(self._run_queue())
+        try:
+            answer = await waiter.future
+        except asyncio.CancelledError:
+            future = waiter.future
+            if future.cancelled():
+                self._live -= 1  # its client left while it waited
+            elif future.done() and isinstance(future.result(), Reservation):
+                granted = future.result()
+                assert isinstance(granted, Reservation)
+                self.settle(granted, 0, sent=False)  # granted as it was cancelled
+            raise
+        if answer is _UNREACHABLE:
+            left_s = max(0.0, waiter.deadline - self._clock.now())
+            return await self._without_store(tokens, left_s, max_waiting)
+        return answer
+
+    async def _try(self, tokens: int) -> Reservation | Denied:
+        rid = self.store.new_id()
+        reply = await self.store.reserve(self.keys, rid, tokens)
+        self._levels = reply.levels
+        if reply.granted:
+            return Reservation(self, tokens, rid)
+        assert reply.denied is not None
+        return reply.denied
+
+    async def _without_store(
+        self, tokens: int, max_wait_s: float, max_waiting: int
+    ) -> Reservation | Denied | object:
+        if self.on_fallback is not None:
+            self.on_fallback(self.posture)
+        if self.posture == "reject":
+            return STORE_DOWN
+        result = await self.local.reserve(tokens, max_wait_s, max_waiting)
+        if isinstance(result, Denied) and result.retry_after_s == math.inf:
+            return STORE_DOWN  # too large for this replica's share only: not the client's fault
+        return result
+
+    def _head_denial(self) -> Denied:
+        return self._last_denied or Denied(CONCURRENCY, self._limits.max_concurrent or 0, 0.0)
+
+    async def _run_queue(self) -> None:
+        """Admit the tenant's waiters in arrival order, asking Redis for the head; answer
+        each waiter that reaches its deadline with the refusal that still stands."""
+        try:
+            while self._live:
+                now = self._clock.now()
+                self._expire(now)
+                head = self._first_live()
+                if head is None:
+                    break
+                try:
+                    result = await self._try(head.tokens)
+                except StoreDown:
+                    self._all_unreachable()
+                    break
+                if head.future.done():  # its client left while Redis was asked
+                    if isinstance(result, Reservation):
+                        self.settle(result, 0, sent=False)
+                    continue
+                if isinstance(result, Reservation) or result.retry_after_s == math.inf:
+                    self._waiters.popleft()
+                    head.future.set_result(result)
+                    self._live -= 1
+                    continue
+                self._last_denied = result
+                wait_s = min(result.retry_after_s, POLL_S) if result.retry_after_s else POLL_S
+                if self._deadlines:
+                    wait_s = min(wait_s, self._deadlines[0][0] - now)
+                self._kick.clear()
+                try:
+                    async with asyncio.timeout(max(0.0, wait_s)):
+                        await self._kick.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            self._pump = None
+
+    def _first_live(self) -> _Waiter | None:
+        while self._waiters:
+            if not self._waiters[0].future.done():
+                return self._waiters[0]
+            self._waiters.popleft()
+        return None
+
+    def _expire(self, now: float) -> None:
+        deadlines = self._deadlines
+        while deadlines and (deadlines[0][2].future.done() or deadlines[0][0] <= now):
+            _, _, w = heapq.heappop(deadlines)
+            if not w.future.done():
+                w.future.set_result(self._head_denial())
+                self._live -= 1
+
+    def _all_unreachable(self) -> None:
+        for w in self._waiters:
+            if not w.future.done():
+                w.future.set_result(_UNREACHABLE)
+        self._waiters.clear()
+        self._deadlines.clear()
+        self._live = 0
+
+    # -- the rest of the contract -------------------------------------------------------------
+
+    async def top_up(self, reservation: Reservation, tokens: int) -> bool:
+        if reservation.quota is not self:
+            return await self.local.top_up(reservation, tokens)
+        try:
+            reply = await self.store.top_up(self.keys, reservation.id, tokens)
+        except StoreDown:
+            return False
+        self._levels = reply.levels
+        if reply.granted:
+            reservation.tokens += tokens
+        return reply.granted
+
+    def settle(self, reservation: Reservation, used_tokens: int, sent: bool = True) -> None:
+        if reservation.settled:
+            return
+        if reservation.quota is not self:
+            self.local.settle(reservation, used_tokens, sent)
+            return
+        reservation.settled = True
+        self.store.settle_soon(self.keys, reservation.id, used_tokens, sent, self._kick.set)
+
+    def snapshot(self) -> Snapshot:
+        if not self.store.up:
+            return self.local.snapshot()
+        keys, lim = self.keys, self._limits
+        levels = self._levels or tuple(cap for _, cap, _ in keys.dimensions)
+        req_left, req_reset = remaining_and_reset(keys, levels, REQUESTS)
+        tok_dim = TOKENS_MINUTE if lim.tokens_per_minute is not None else TOKENS_DAY
+        tok_left, tok_reset = remaining_and_reset(keys, levels, tok_dim)
+        return Snapshot(
+            lim.requests_per_minute,
+            req_left,
+            req_reset,
+            lim.tokens_per_minute or lim.tokens_per_day,
+            tok_left,
+            tok_reset,
+        )
+
+    def drain(self) -> None:
+        self.draining = True
+        for w in self._waiters:
+            if not w.future.done():
+                w.future.set_result(DRAINED)
+        self._waiters.clear()
+        self._deadlines.clear()
+        self._live = 0
+        self.local.drain()
+
+
+def split_limits(limits: Limits, replicas: int) -> Limits:
+    """Each replica's share of a limit while Redis is down: rates and capacities divided by
+    `replicas`; concurrency too, rounded down but at least 1."""
+    if replicas <= 1:
+        return limits
+
+    def part(value: float | None) -> float | None:
+        return None if value is None else value / replicas
+
+    burst = {dim: cap / replicas for dim, cap in (limits.burst or {}).items()}
+    cap = limits.max_concurrent
+    return Limits(
+        part(limits.requests_per_minute),
+        part(limits.tokens_per_minute),
+        part(limits.tokens_per_day),
+        None if cap is None else max(1, cap // replicas),
+        burst or None,
+    )
