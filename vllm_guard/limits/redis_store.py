@@ -30,6 +30,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
@@ -117,7 +118,9 @@ class RedisQuotaStore:
             password=password,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),  # a failure is news now, not after retries
+            # One retry, at once, and only for a connection found closed (a pooled one that
+            # Redis or a proxy dropped); a timeout is news now, not after retries.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             retry_on_timeout=False,
             health_check_interval=0,
             **options,
@@ -252,6 +255,8 @@ class RedisQuotaStore:
 
     async def _probe(self) -> bool:
         try:
+            # Connections from before the outage are dead, or stuck on unanswered calls.
+            await self.client.connection_pool.disconnect()
             async with asyncio.timeout(self.timeout_s):
                 await self.client.ping()
         except (RedisError, OSError, TimeoutError):
