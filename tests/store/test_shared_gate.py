@@ -132,3 +132,26 @@ async def test_waiters_move_to_the_posture_when_redis_goes_away(
         assert isinstance(got, Reservation) and got.quota is not a
     a.settle(held, 0)  # kept for Redis's return
     assert stores[0].pending >= 1
+
+
+async def test_an_outage_starts_from_the_shared_level_and_an_empty_redis_from_the_local_one(
+    redis_server: RedisServer, stores
+):
+    limits = Limits(requests_per_minute=30)  # one request per 2 s
+    g = gate(stores[0], limits, "local", replicas=3)
+    for _ in range(27):
+        assert isinstance(await g.reserve(1, max_wait_s=0), Reservation)
+    redis_server.stop()
+    # 3 left in Redis: this replica's share is 1, not a fresh 10.
+    assert isinstance(await g.reserve(1, max_wait_s=0), Reservation)
+    assert isinstance(await g.reserve(1, max_wait_s=0), Denied)
+    redis_server.start()  # empty: every bucket it had is gone
+    probing = asyncio.create_task(stores[0].run())
+    try:
+        while not stores[0].up:
+            await asyncio.sleep(0.05)
+        # Seeded with what this replica had left (≈0) x 3, not a full 30.
+        refused = await g.reserve(1, max_wait_s=0)
+        assert isinstance(refused, Denied) and refused.retry_after_s > 1
+    finally:
+        probing.cancel()

@@ -6,7 +6,8 @@
 -- KEYS[2] hash  open reservations: id -> tokens
 -- KEYS[3] zset  concurrency leases: id -> expiry (s, Redis time)
 -- ARGV: op, id, tokens, lease_s, max_concurrent (-1: none), n, then n times
---       (dimension, capacity, rate per s, "r" for the requests dimension or "t")
+--       (dimension, capacity, rate per s, "r" for the requests dimension or "t"), then
+--       optionally n levels for buckets Redis does not have (else they start full)
 -- op: check | reserve | top_up | settle (tokens = used; id "!" + id: never sent) | renew
 -- Returns {granted 0/1, refusing dimension or "", retry_after_s, in_flight, level...};
 -- numbers as strings (Lua numbers would be truncated to integers on the way out).
@@ -26,12 +27,15 @@ if op == 'renew' then  -- ARGV[7..]: the ids this replica still runs
 end
 
 local dims = {}
+local fresh = false  -- a bucket Redis does not have yet
 for i = 0, n - 1 do
   local b = 7 + i * 4
   local d = {name = ARGV[b], cap = tonumber(ARGV[b + 1]), rate = tonumber(ARGV[b + 2]),
              per_request = ARGV[b + 3] == 'r'}
   local v = redis.call('HMGET', KEYS[1], d.name .. ':l', d.name .. ':r', d.name .. ':u')
-  d.level = tonumber(v[1]) or d.cap  -- a new bucket starts full
+  -- A new bucket starts full, or where the caller says (a Redis that lost its data)
+  fresh = fresh or not v[1]
+  d.level = tonumber(v[1]) or tonumber(ARGV[7 + n * 4 + i]) or d.cap
   d.reserved = tonumber(v[2]) or 0
   local updated = tonumber(v[3]) or now
   d.level = math.min(d.level, d.cap)  -- a lowered limit clips, never refills
@@ -131,7 +135,9 @@ elseif op == 'settle' then
 end
 
 local out = {granted, worst, num(wait), tostring(redis.call('ZCARD', KEYS[3]))}
-if op ~= 'check' or #expired > 0 then
+-- Written back only when something changed (refill alone is recomputed from the stored
+-- state just as well); a settle of an unknown id leaves a missing bucket missing.
+if granted == 1 or #expired > 0 or (fresh and op == 'reserve') then
   for _, d in ipairs(dims) do
     redis.call('HSET', KEYS[1], d.name .. ':l', num(d.level), d.name .. ':r', num(d.reserved),
                d.name .. ':u', num(now))

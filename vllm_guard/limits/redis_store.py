@@ -89,7 +89,10 @@ class TenantKeys:
                 self.dimensions.append((dim, capacity, rate))
                 spec += [dim, repr(capacity), repr(rate), "r" if dim == REQUESTS else "t"]
         cap = limits.max_concurrent
-        self.spec = [-1 if cap is None else cap, len(self.dimensions), *spec]
+        # Encoded once: the client would encode these ~15 arguments on every call.
+        self.spec: list[bytes] = [
+            str(x).encode() for x in (-1 if cap is None else cap, len(self.dimensions), *spec)
+        ]
 
     def limit_of(self, dimension: str) -> float:
         return float(getattr(self.limits, dimension))
@@ -155,12 +158,15 @@ class RedisQuotaStore:
     async def check(self, keys: TenantKeys, tokens: int) -> Reply:
         return await self._call(keys, "check", "", tokens)
 
-    async def reserve(self, keys: TenantKeys, reservation_id: str, tokens: int) -> Reply:
+    async def reserve(
+        self, keys: TenantKeys, reservation_id: str, tokens: int, seed: Sequence[float] = ()
+    ) -> Reply:
         """Reserve `tokens` (and one request, and a concurrency lease) under an id made by
         `new_id`. Raises `StoreDown` — and then refunds the id once Redis is back, in case
-        the script ran and only its answer was lost."""
+        the script ran and only its answer was lost. `seed`: each dimension's level for a
+        bucket Redis does not have (after it lost its data), instead of full."""
         try:
-            reply = await self._call(keys, "reserve", reservation_id, tokens)
+            reply = await self._call(keys, "reserve", reservation_id, tokens, seed)
         except StoreDown:
             self._pending[reservation_id] = (keys, 0, False)
             raise
@@ -204,10 +210,13 @@ class RedisQuotaStore:
             self._pending.pop(next(iter(self._pending)))
         self._pending[reservation_id] = (keys, used, sent)
 
-    async def _call(self, keys: TenantKeys, op: str, rid: str, tokens: int) -> Reply:
+    async def _call(
+        self, keys: TenantKeys, op: str, rid: str, tokens: int, seed: Sequence[float] = ()
+    ) -> Reply:
         if not self.up:
             raise StoreDown("Redis is down")
-        args = [op, rid, tokens, self.lease_s, *keys.spec]
+        args: list[str | bytes | float] = [op, rid, tokens, self.lease_s, *keys.spec]
+        args += map(repr, seed)
         try:
             async with asyncio.timeout(self.timeout_s):
                 raw = await self._script(keys=keys.keys, args=args)

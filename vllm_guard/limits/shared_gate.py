@@ -74,7 +74,10 @@ class SharedQuotaGate:
         self._limits = limits
         self.posture = on_store_down
         self._clock = clock or LoopClock()
-        self.local = QuotaGate(TenantQuota(split_limits(limits, replicas), 0.0), on_delay, clock)
+        self._replicas = replicas
+        self._local_quota = TenantQuota(split_limits(limits, replicas), 0.0)
+        self.local = QuotaGate(self._local_quota, on_delay, clock)
+        self._on_local = False  # charging local buckets since Redis went away
         self.on_delay = on_delay
         self.on_fallback = on_fallback
         self._levels: tuple[float, ...] | None = None  # the buckets as Redis last said
@@ -145,7 +148,9 @@ class SharedQuotaGate:
 
     async def _try(self, tokens: int) -> Reservation | Denied:
         rid = self.store.new_id()
-        reply = await self.store.reserve(self.keys, rid, tokens)
+        seed = self._seed() if self._on_local else ()
+        reply = await self.store.reserve(self.keys, rid, tokens, seed)
+        self._on_local = False
         self._levels = reply.levels
         if reply.granted:
             return Reservation(self, tokens, rid)
@@ -159,10 +164,35 @@ class SharedQuotaGate:
             self.on_fallback(self.posture)
         if self.posture == "reject":
             return STORE_DOWN
+        if not self._on_local:
+            self._on_local = True
+            self._start_local()
         result = await self.local.reserve(tokens, max_wait_s, max_waiting)
         if isinstance(result, Denied) and result.retry_after_s == math.inf:
             return STORE_DOWN  # too large for this replica's share only: not the client's fault
         return result
+
+    def _start_local(self) -> None:
+        """The local buckets take over where the shared ones were last seen (this replica's
+        share of them): the replicas together do not start the outage with a fresh burst."""
+        if self._levels is None:
+            return
+        now = self._clock.now()
+        for (dim, _, _), level in zip(self.keys.dimensions, self._levels, strict=True):
+            bucket = self._local_quota.buckets[dim]
+            bucket.refill(now)
+            bucket.clip(level / self._replicas)
+
+    def _seed(self) -> tuple[float, ...]:
+        """For a Redis that comes back empty: each bucket at this replica's local level
+        times the replicas (their estimate of what is left), not full."""
+        now = self._clock.now()
+        seed = []
+        for dim, capacity, _ in self.keys.dimensions:
+            bucket = self._local_quota.buckets[dim]
+            bucket.refill(now)
+            seed.append(min(capacity, bucket.level * self._replicas))
+        return tuple(seed)
 
     def _head_denial(self) -> Denied:
         return self._last_denied or Denied(CONCURRENCY, self._limits.max_concurrent or 0, 0.0)
