@@ -261,6 +261,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{POLICY_ENV}='{policy}'; for its metrics also {METRICS_ENV}=FILE, and "
                 "engine.scheduler_metrics_file: FILE here"
             )
+        guard = config.guard
+        if guard.quota_store == "memory":
+            print("quota store: memory (this process; replicas would each keep every limit)")
+        else:
+            print(
+                f"quota store: {guard.quota_store} (shared by {guard.replicas} replica(s); "
+                f"password {'set' if config.quota_store_password else 'none'}; timeout "
+                f"{guard.quota_store_timeout_s * 1000:g} ms; "
+                f"leases {guard.quota_store_lease_s:g} s)"
+            )
         for c in config.classes:
             print(
                 f"class {c.name}: vllm_priority={c.vllm_priority} slot_limit={c.slot_limit} "
@@ -270,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"kv_fraction={c.kv_fraction:g} "
                 f"kv_admission={'worst_case' if c.kv_admission else 'off (preemptible)'}"
                 + (" engine_makes_room" if c.engine_makes_room else "")
+                + (f" on_store_down={c.on_store_down}" if guard.quota_store != "memory" else "")
             )
         for t in config.tenants.values():
             print(

@@ -112,3 +112,30 @@ def test_config_errors_never_print_a_key(change):
         parse_config(BASE_CONFIG.replace(*change), "test.yaml", KEYS)
     assert SECRET not in str(exc.value)
     assert "test.yaml" in str(exc.value)
+
+
+def test_quota_store_takes_redis_urls_and_a_password_reference_only():
+    text = BASE_CONFIG.replace(
+        "engine:",
+        "guard: {quota_store: 'rediss://redis.internal:6380/2', replicas: 3,"
+        " quota_store_password: 'env:REDIS_PW'}\nengine:",
+    )
+    config = parse_config(text, "t.yaml", {**KEYS, "REDIS_PW": "pw-from-env"})
+    assert config.guard.quota_store == "rediss://redis.internal:6380/2"
+    assert config.quota_store_password == "pw-from-env"
+    assert config.guard.replicas == 3
+    assert [c.on_store_down for c in config.classes] == ["local", "local"]
+
+    def guard(settings: str) -> str:
+        return _error(BASE_CONFIG.replace("engine:", f"guard: {{{settings}}}\nengine:"))
+
+    assert "expected memory or a Redis URL" in guard("quota_store: 'localhost:6379'")
+    secret_url = guard("quota_store: 'redis://user:hunter2-pw@redis:6379/0'")
+    assert "quota_store_password" in secret_url and "hunter2-pw" not in secret_url
+    assert "hunter2-pw" not in guard("quota_store_password: 'hunter2-pw'")
+    assert "REDIS_PW is not set" in guard("quota_store_password: 'env:REDIS_PW'")
+    text = BASE_CONFIG.replace("max_wait_s: 60}", "max_wait_s: 60, on_store_down: reject}")
+    assert [c.on_store_down for c in parse_config(text, "t.yaml", KEYS).classes] == [
+        "local",
+        "reject",
+    ]
