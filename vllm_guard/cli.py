@@ -92,9 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     x.add_argument(
         "--upstream",
-        required=True,
+        action="append",
         type=_upstream_url,
-        help="vLLM base URL, http://host:port[/prefix] (plain HTTP: vLLM on a private network)",
+        help="vLLM base URL, http://host:port[/prefix] (plain HTTP: vLLM on a private "
+        "network); repeat it for several engines serving the same model, each with "
+        "engine.max_num_seqs slots (default: engine.upstreams in the config)",
     )
     x.add_argument("--config", type=Path, help=_CONFIG_HELP)
     x.add_argument("--host", default="127.0.0.1", help="address to serve the guard on")
@@ -271,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{guard.quota_store_timeout_s * 1000:g} ms; "
                 f"leases {guard.quota_store_lease_s:g} s)"
             )
+        if eng.upstreams:
+            print(f"engines (proxy): {len(eng.upstreams)}")
+            for i, url in enumerate(eng.upstreams):
+                print(f"  engine {i}: {url} (max_num_seqs={config.max_num_seqs})")
         for c in config.classes:
             print(
                 f"class {c.name}: vllm_priority={c.vllm_priority} slot_limit={c.slot_limit} "
@@ -295,8 +301,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("vllm-guard: the metrics port must differ from --port", file=sys.stderr)
         return 2
     if args.command == "proxy":
+        upstreams = args.upstream or list(config.engine.upstreams)
+        if not upstreams:
+            print(
+                "vllm-guard: proxy needs an engine: --upstream URL (repeatable) or "
+                "engine.upstreams in the config",
+                file=sys.stderr,
+            )
+            return 2
         listen = _listen(args, config)
-        return server.run(lambda: server.serve_proxy(config, args.upstream, listen))
+        return server.run(lambda: server.serve_proxy(config, upstreams, listen))
 
     from vllm_guard.engine.launcher import (
         VllmSupervisor,

@@ -40,7 +40,27 @@ class EngineConfig(BaseModel):
 
     max_num_seqs: Annotated[int, Field(ge=1, le=65536)] = 16
     """Engine sequence slots S (vLLM's `--max-num-seqs`). The launcher passes it to vLLM;
-    in proxy mode it must match what the upstream was started with."""
+    in proxy mode it must match what the upstream was started with (each upstream)."""
+    upstreams: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    """Proxy mode: the engines' base URLs (`http://host:port[/prefix]`), where
+    `--upstream` is not given. Several: engines serving the same model, each with
+    `max_num_seqs` slots; the guard spreads requests by free slots and KV headroom, takes
+    an engine that is down, hung or refusing out of rotation, and sends a request an
+    engine never took to another."""
+
+    @model_validator(mode="after")
+    def _upstream_urls(self) -> EngineConfig:
+        from vllm_guard.upstream.h1client import split_base_url
+
+        for i, url in enumerate(self.upstreams):
+            try:
+                split_base_url(url)
+            except ValueError as exc:
+                raise _at(("upstreams", str(i)), str(exc)) from None
+        if len(set(self.upstreams)) != len(self.upstreams):
+            raise _at(("upstreams",), "an engine is listed twice")
+        return self
+
     queue_ahead: Annotated[int, Field(ge=0, le=65536)] = 4
     """Requests of the most urgent class the guard may send beyond the S slots, to wait
     inside vLLM (whose priority scheduling runs them first): a slot that frees is refilled

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from vllm_guard.testing.prometheus import parse_prometheus
+from vllm_guard.testing.prometheus import parse_prometheus, total
 from vllm_guard.testing.stack import Stack, running_stack
 
 pytestmark = pytest.mark.integration
@@ -87,9 +87,8 @@ async def _run() -> dict:
         # defaults to S) + 2 in the guard.
         batch = [asyncio.create_task(_batch(batch_client, ended)) for _ in range(10)]
         deadline = time.monotonic() + 120
-        while (await asyncio.to_thread(_metrics, stack)).get(
-            "vllm_guard_engine_requests{state=running}"
-        ) != 4:
+        running = ("vllm_guard_engine_requests", "state=running")
+        while total(await asyncio.to_thread(_metrics, stack), *running) != 4:
             assert time.monotonic() < deadline, "batch never filled the engine's 4 slots"
             await asyncio.sleep(0.2)
         probes = []

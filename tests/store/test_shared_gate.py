@@ -125,12 +125,15 @@ async def test_waiters_move_to_the_posture_when_redis_goes_away(
     waiting = asyncio.create_task(a.reserve(0, max_wait_s=5))
     await asyncio.sleep(0.1)
     redis_server.stop()
-    got = await asyncio.wait_for(waiting, 2)
     if posture == "reject":
-        assert got is STORE_DOWN
+        assert await asyncio.wait_for(waiting, 2) is STORE_DOWN
+        a.settle(held, 0)
     else:
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # the local share (1) is taken by the running request
+        a.settle(held, 0)  # kept for Redis's return; frees the local share
+        got = await asyncio.wait_for(waiting, 2)
         assert isinstance(got, Reservation) and got.quota is not a
-    a.settle(held, 0)  # kept for Redis's return
     assert stores[0].pending >= 1
 
 
@@ -155,3 +158,43 @@ async def test_an_outage_starts_from_the_shared_level_and_an_empty_redis_from_th
         assert isinstance(refused, Denied) and refused.retry_after_s > 1
     finally:
         probing.cancel()
+
+
+async def test_what_an_outage_served_locally_is_charged_to_redis_when_it_answers(
+    redis_server: RedisServer, stores
+):
+    limits = Limits(requests_per_minute=30)
+    g = gate(stores[0], limits, "local", replicas=3)
+    for _ in range(15):
+        assert isinstance(await g.reserve(1, max_wait_s=0), Reservation)
+    redis_server.pause()  # keeps its data
+    local = []
+    while isinstance(got := await g.reserve(1, max_wait_s=0), Reservation):
+        local.append(got)
+    assert len(local) == 5  # 15 left in Redis: a third of it here
+    for r in local:
+        g.settle(r, 1)
+    redis_server.resume()
+    probing = asyncio.create_task(stores[0].run())
+    try:
+        while not stores[0].up or stores[0].pending:
+            await asyncio.sleep(0.05)
+        granted = 0
+        while isinstance(await g.reserve(1, max_wait_s=0), Reservation):
+            granted += 1
+        assert granted == 10  # 30 - 15 - 5 (the outage's 5 were charged)
+    finally:
+        probing.cancel()
+
+
+async def test_the_local_concurrency_share_counts_requests_already_running(
+    redis_server: RedisServer, stores
+):
+    g = gate(stores[0], Limits(max_concurrent=3), "local", replicas=3)  # 1 here when down
+    running = await g.reserve(0, max_wait_s=0)
+    assert isinstance(running, Reservation)
+    redis_server.stop()
+    refused = await g.reserve(0, max_wait_s=0)
+    assert isinstance(refused, Denied) and refused.dimension == CONCURRENCY
+    g.settle(running, 0)
+    assert isinstance(await g.reserve(0, max_wait_s=0), Reservation)

@@ -416,3 +416,45 @@ def test_without_the_plugin_the_same_file_keeps_its_reservations():
     assert (inter.slot_limit, batch.slot_limit) == (6, 3)
     assert (inter.kv_fraction, batch.kv_fraction) == (0.8, pytest.approx(0.6))
     assert (inter.engine_makes_room, batch.kv_admission) == (False, True)
+
+
+# -- several engines ------------------------------------------------------------------------
+
+
+def test_tickets_spread_over_engines_by_free_slots(config):
+    inter, batch = config.classes
+    adm = Admission(config.max_num_seqs, config.classes, engines=2)  # S=4 each, 1 reserved
+    held = [adm.enter(batch, 0.0)[1] for _ in range(6)]
+    assert [t.engine for t in held] == [0, 1, 0, 1, 0, 1]
+    assert adm.enter(batch, 0.0)[0] is Decision.QUEUED  # 3 batch slots on each engine
+    admitted = adm.release(held[3], 1.0)  # a slot frees on engine 1: the waiter goes there
+    assert len(admitted) == 1 and admitted[0].engine == 1
+    assert adm.enter(inter, 0.0)[1].engine == 0  # the reserved slot, on each engine
+    assert adm.enter(inter, 0.0)[1].engine == 1
+    assert [e.in_flight for e in adm.engines] == [4, 4] and adm.in_flight == 8
+
+
+def test_an_engine_taken_out_gets_nothing_until_it_is_back(config):
+    _, batch = config.classes
+    adm = Admission(config.max_num_seqs, config.classes, engines=2)
+    assert adm.set_up(0, False) == []
+    held = [adm.enter(batch, 0.0)[1] for _ in range(3)]
+    assert {t.engine for t in held} == {1}
+    decision, waiting = adm.enter(batch, 0.0)
+    assert decision is Decision.QUEUED
+    assert adm.set_up(0, True) == [waiting] and waiting.engine == 0
+    for t in [*held, waiting]:
+        adm.release(t, 1.0)
+    assert [e.in_flight for e in adm.engines] == [0, 0]
+    assert all(k == 0 for e in adm.engines for k in e.class_kv)
+
+
+def test_kv_headroom_is_per_engine(config):
+    _, batch = config.classes
+    adm = Admission(config.max_num_seqs, config.classes, kv_capacity=1000, engines=2)
+    adm.engine_update(800, None, False, engine=0)  # engine 0's cache is nearly full
+    first = adm.enter(batch, 0.0, kv=300)[1]
+    assert first.engine == 1
+    second = adm.enter(batch, 0.0, kv=300)[1]
+    assert second.engine == 1  # engine 0 still has too little room (900 - 800 < 300)
+    assert adm.kv_headroom(batch) == pytest.approx(300)  # engine 1: 900 - 600

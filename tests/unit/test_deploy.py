@@ -53,7 +53,7 @@ def test_the_guards_limits_file_loads_and_matches_the_deployment():
     args = _parser().parse_args(
         _container("vllm-guard")["command"][1:] + _container("vllm-guard")["args"]
     )
-    assert args.upstream == "http://vllm:8000"
+    assert args.upstream == ["http://vllm:8000"]
 
 
 def test_the_engine_runs_what_the_guards_config_expects():

@@ -12,6 +12,7 @@ from tests.unit.asgi import call
 from tests.unit.conftest import ready_app, until
 from vllm_guard.config import parse_config
 from vllm_guard.proxy.metrics import render
+from vllm_guard.testing.prometheus import parse_prometheus, total
 from vllm_guard.upstream.monitor import EngineMonitor, EngineSample, parse_engine_metrics
 
 REAL = (Path(__file__).parent / "data" / "vllm_metrics.txt").read_text()  # vLLM 0.32 (CPU)
@@ -119,7 +120,7 @@ async def test_app_admits_by_kv_headroom_and_tokenizes_only_when_the_bound_does_
     assert fake.tokenize_calls == 1  # its bound did not fit; the exact 1 + 300 does not either
     assert fake.active == 1  # slots are free: KV alone holds it back
     body, _ = render(app.metrics.registry)
-    assert f"vllm_guard_kv_reserved_tokens {bound}.0".encode() in body
+    assert total(parse_prometheus(body.decode()), "vllm_guard_kv_reserved_tokens") == bound
     fake.mode = "ok"
     fake.release.set()
     assert (await first).status == 200

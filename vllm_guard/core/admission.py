@@ -34,6 +34,13 @@ counts only its own sequences and KV reservations against its limits, and no slo
 share is reserved below it; the preemptible classes are admitted by slots alone
 (`kv_admission` off): vLLM preempts them for KV, as it would without the guard.
 
+Several engines serving the same model (`vllm-guard proxy --upstream A --upstream B`): the
+queues stay one per class, while slots and KV are counted per engine (`EngineSlots`), each
+with the same limits. A ticket is admitted where it fits on some engine that is up, and
+placed on the one with the most free slots for its class, then the most KV headroom —
+spreading load rather than packing it, so each engine's queue and batch stay short. An
+engine taken out (down, hung, refusing) admits nothing until it is back.
+
 The asyncio side (`proxy/admission_gate.py`) turns the returned tickets into woken futures
 and arms one timer per queue at `next_deadline()`.
 """
@@ -65,8 +72,8 @@ class Ticket:
     `seqs` the engine slots it holds (the sequences vLLM runs for it)."""
 
     __slots__ = (
-        "cost", "deadline", "enqueued_at", "finish", "kv", "priority_class", "seqs", "start",
-        "state", "tenant", "waker", "weight",
+        "cost", "deadline", "engine", "enqueued_at", "finish", "kv", "priority_class", "seqs",
+        "start", "state", "tenant", "waker", "weight",
     )  # fmt: skip
 
     def __init__(
@@ -91,6 +98,8 @@ class Ticket:
         self.kv = kv
         self.seqs = seqs
         self.start = self.finish = 0.0
+        self.engine = -1
+        """Once admitted: the index of the engine it holds slots on."""
 
 
 class Decision(enum.Enum):
@@ -186,17 +195,38 @@ class KvState:
         return max(self.reserved, self.live or 0)
 
 
+class EngineSlots:
+    """One engine's part of the accounting: sequences in flight (all, and per class rank),
+    KV reserved per class rank, its KV reading, and whether it takes requests."""
+
+    __slots__ = ("class_in_flight", "class_kv", "in_flight", "index", "kv", "up")
+
+    def __init__(self, index: int, n_classes: int, kv_capacity: int | None) -> None:
+        self.index = index
+        self.in_flight = 0
+        self.class_in_flight = [0] * n_classes
+        self.class_kv = [0] * n_classes
+        self.kv = KvState(kv_capacity)
+        self.up = True
+
+
 class Admission:
     """Slot and KV accounting, per-class queues, strict priority between classes."""
 
     def __init__(
-        self, max_num_seqs: int, classes: Iterable[PriorityClass], kv_capacity: int | None = None
+        self,
+        max_num_seqs: int,
+        classes: Iterable[PriorityClass],
+        kv_capacity: int | None = None,
+        engines: int = 1,
     ) -> None:
+        """`engines`: how many engines (each with `max_num_seqs` slots) the guard fronts."""
         self.max_num_seqs = max_num_seqs
-        self.kv = KvState(kv_capacity)
         self._classes = sorted((_ClassState(c) for c in classes), key=lambda s: s.spec.rank)
         self._by_rank = {s.spec.rank: s for s in self._classes}
-        self.in_flight = 0
+        self.engines = [EngineSlots(i, len(self._classes), kv_capacity) for i in range(engines)]
+        self.kv = self.engines[0].kv  # the KV state, where there is one engine
+        self.in_flight = 0  # over all engines
         # EWMA of the time between two completions (any class); starts pessimistic.
         self._completion_interval_s = 1.0
         self._last_completion: float | None = None
@@ -219,8 +249,8 @@ class Admission:
         assert 1 <= seqs <= self.max_seqs(priority_class), seqs
         state = self._by_rank[priority_class.rank]
         ticket = Ticket(priority_class, now, None, tenant, cost, weight, kv, seqs)
-        if self._nobody_waiting_up_to(state.spec.rank) and self._fits(state, ticket):
-            self._take(state, ticket)
+        if self._nobody_waiting_up_to(state.spec.rank) and (engine := self._place(state, ticket)):
+            self._take(state, ticket, engine)
             return Decision.ADMITTED, ticket
         if state.queued >= state.spec.max_queue:
             ticket.state = TicketState.EXPIRED
@@ -232,35 +262,51 @@ class Admission:
         if (
             state.head() is ticket
             and self._nobody_waiting_up_to(state.spec.rank - 1)
-            and self._fits(state, ticket)
+            and (engine := self._place(state, ticket))
         ):
             state.pop_head()
-            self._take(state, ticket)
+            self._take(state, ticket, engine)
             return Decision.ADMITTED, ticket
         return Decision.QUEUED, ticket
 
     def release(self, ticket: Ticket, now: float) -> list[Ticket]:
         """Give back an admitted ticket's slot; returns the waiters admitted in its place."""
         assert ticket.state is TicketState.ADMITTED, ticket.state
-        state = self._by_rank[ticket.priority_class.rank]
+        rank = ticket.priority_class.rank
+        state = self._by_rank[rank]
+        engine = self.engines[ticket.engine]
         ticket.state = TicketState.CANCELLED  # a released ticket can never be released again
         state.in_flight -= ticket.seqs
         self.in_flight -= ticket.seqs
+        engine.in_flight -= ticket.seqs
+        engine.class_in_flight[rank] -= ticket.seqs
         state.kv_reserved -= ticket.kv
-        self.kv.reserved -= ticket.kv
+        engine.class_kv[rank] -= ticket.kv
+        engine.kv.reserved -= ticket.kv
         self._observe_completion(now)
         return self.dispatch()
 
     def engine_update(
-        self, live_tokens: int | None, capacity: int | None, hold_batch: bool
+        self, live_tokens: int | None, capacity: int | None, hold_batch: bool, engine: int = 0
     ) -> list[Ticket]:
-        """A new reading of the engine's KV use (None: stale); returns waiters it admits."""
-        kv = self.kv
+        """A new reading of an engine's KV use (None: stale); returns waiters it admits."""
+        kv = self.engines[engine].kv
         kv.live = live_tokens
         if capacity is not None:
             kv.capacity = capacity
         kv.hold_batch = hold_batch
         return self.dispatch()
+
+    def set_up(self, engine: int, up: bool) -> list[Ticket]:
+        """Take an engine out (nothing more is placed on it; what it holds is released as
+        its requests end) or put it back; returns the waiters it admits."""
+        self.engines[engine].up = up
+        return self.dispatch() if up else []
+
+    @property
+    def kv_known(self) -> bool:
+        """Some engine's KV capacity is known (KV admission applies)."""
+        return any(e.kv.capacity is not None for e in self.engines)
 
     def max_seqs(self, priority_class: PriorityClass) -> int:
         """The most sequences one request of this class may run: what the class could ever
@@ -268,15 +314,17 @@ class Admission:
         return min(priority_class.slot_limit, self.max_num_seqs)
 
     def kv_headroom(self, priority_class: PriorityClass) -> float:
-        """KV tokens a ticket of this class could reserve now (inf: capacity unknown)."""
-        kv = self.kv
+        """KV tokens a ticket of this class could reserve now on the roomiest engine that is
+        up (inf: capacity unknown)."""
+        rooms = [self._headroom(e, priority_class) for e in self.engines if e.up]
+        return max(rooms, default=0.0)
+
+    def _headroom(self, engine: EngineSlots, spec: PriorityClass) -> float:
+        kv = engine.kv
         if kv.capacity is None:
             return float("inf")
-        if priority_class.engine_makes_room:
-            used = self._by_rank[priority_class.rank].kv_reserved
-        else:
-            used = kv.used()
-        return kv.capacity * priority_class.kv_fraction - used
+        used = engine.class_kv[spec.rank] if spec.engine_makes_room else kv.used()
+        return kv.capacity * spec.kv_fraction - used
 
     def retry_after_s(self, priority_class: PriorityClass) -> float:
         """A fair guess at when a refused request of this class would get in: the requests
@@ -333,35 +381,55 @@ class Admission:
             self._completion_interval_s += 0.1 * (gap - self._completion_interval_s)
         self._last_completion = now
 
-    def _fits(self, state: _ClassState, ticket: Ticket) -> bool:
+    def _place(self, state: _ClassState, ticket: Ticket) -> EngineSlots | None:
+        """The engine to admit `ticket` on now: of those that are up and where it fits, the
+        one with the most free slots for its class, then the most KV headroom; None if it
+        fits nowhere."""
         spec = state.spec
-        # Where the engine makes room for this class, only its own sequences count.
-        in_flight = state.in_flight if spec.engine_makes_room else self.in_flight
-        if in_flight + ticket.seqs > spec.slot_limit:
-            return False
-        if self.kv.hold_batch and spec.rank > 0:
-            return False
-        if not spec.kv_admission:
-            return True
-        return in_flight == 0 or ticket.kv <= self.kv_headroom(spec)
+        rank = spec.rank
+        best: EngineSlots | None = None
+        best_room = (False, 0, 0.0)
+        for engine in self.engines:
+            if not engine.up or (engine.kv.hold_batch and rank > 0):
+                continue
+            # Where the engine makes room for this class, only its own sequences count.
+            in_flight = engine.class_in_flight[rank] if spec.engine_makes_room else engine.in_flight
+            free = spec.slot_limit - in_flight
+            if free < ticket.seqs:
+                continue
+            kv_room = self._headroom(engine, spec) if spec.kv_admission else float("inf")
+            fits = ticket.kv <= kv_room
+            if in_flight and not fits:
+                continue
+            # An oversized ticket goes to an engine with nothing of the guard's in flight
+            # only where it fits nowhere: it could never be admitted otherwise.
+            room = (fits, free, kv_room)
+            if best is None or room > best_room:
+                best, best_room = engine, room
+        return best
 
     def _nobody_waiting_up_to(self, rank: int) -> bool:
         return all(s.queued == 0 for s in self._classes[: rank + 1])
 
-    def _take(self, state: _ClassState, ticket: Ticket) -> None:
+    def _take(self, state: _ClassState, ticket: Ticket, engine: EngineSlots) -> None:
+        rank = state.spec.rank
         ticket.state = TicketState.ADMITTED
+        ticket.engine = engine.index
         state.in_flight += ticket.seqs
         self.in_flight += ticket.seqs
+        engine.in_flight += ticket.seqs
+        engine.class_in_flight[rank] += ticket.seqs
         state.kv_reserved += ticket.kv
-        self.kv.reserved += ticket.kv
+        engine.class_kv[rank] += ticket.kv
+        engine.kv.reserved += ticket.kv
 
     def dispatch(self) -> list[Ticket]:
         """Admit waiters, most urgent class first, while they fit; returns them."""
         admitted: list[Ticket] = []
         for state in self._classes:
-            while (head := state.head()) is not None and self._fits(state, head):
+            while (head := state.head()) is not None and (engine := self._place(state, head)):
                 ticket = state.pop_head()
-                self._take(state, ticket)
+                self._take(state, ticket, engine)
                 admitted.append(ticket)
             state.drop_gone_arrivals()
             if state.waiting:

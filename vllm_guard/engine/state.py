@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -23,23 +24,52 @@ class EngineState:
     phase: str = "starting"
     """starting | ready | hung | restarting | unreachable | stopping"""
     restarts: int = 0
+    name: str = "engine"
+    """How the logs call it (`engine`, or `engine 1 (http://...)` behind a guard with several)."""
+    on_ready: Callable[[bool], None] | None = None
+    """Told when `ready` changes (the guard takes the engine out of, or back into, rotation)."""
 
     def set(self, phase: str) -> None:
         if phase == "ready" and self.phase == "hung":
             return  # answering /health is not enough: the watchdog says when it works again
         if phase != self.phase:
-            log.info("engine %s -> %s", self.phase, phase)
+            log.info("%s %s -> %s", self.name, self.phase, phase)
         self.phase = phase
-        self.ready = phase == "ready"
+        self._set_ready(phase == "ready")
 
     def set_hung(self, reason: str | None) -> None:
         """The watchdog's verdict: hung (`reason`), or working again (None)."""
         if reason is not None and self.phase == "ready":
-            log.error("engine hung: %s; answering 503 until it works again", reason)
-            self.phase, self.ready = "hung", False
+            log.error("%s hung: %s; answering 503 until it works again", self.name, reason)
+            self.phase = "hung"
+            self._set_ready(False)
         elif reason is None and self.phase == "hung":
-            log.warning("engine works again")
-            self.phase, self.ready = "ready", True
+            log.warning("%s works again", self.name)
+            self.phase = "ready"
+            self._set_ready(True)
+
+    def _set_ready(self, ready: bool) -> None:
+        changed = ready != self.ready
+        self.ready = ready
+        if changed and self.on_ready is not None:
+            self.on_ready(ready)
+
+
+class AnyEngine:
+    """Several engines as the request path sees them: ready while any one is."""
+
+    __slots__ = ("engines",)
+
+    def __init__(self, engines: Sequence[EngineState]) -> None:
+        self.engines = engines
+
+    @property
+    def ready(self) -> bool:
+        return any(e.ready for e in self.engines)
+
+    @property
+    def phase(self) -> str:
+        return "ready" if self.ready else self.engines[0].phase
 
 
 async def poll_health(

@@ -9,6 +9,8 @@
 --       (dimension, capacity, rate per s, "r" for the requests dimension or "t"), then
 --       optionally n levels for buckets Redis does not have (else they start full)
 -- op: check | reserve | top_up | settle (tokens = used; id "!" + id: never sent) | renew
+--     | charge (id = the requests, tokens = the tokens a replica served on its own buckets
+--       while Redis was down: taken now, into debt if need be)
 -- Returns {granted 0/1, refusing dimension or "", retry_after_s, in_flight, level...};
 -- numbers as strings (Lua numbers would be truncated to integers on the way out).
 
@@ -118,6 +120,12 @@ elseif op == 'top_up' then
   else
     worst = 'expired'  -- its lease ran out: the caller reserves anew
   end
+elseif op == 'charge' then
+  local requests = tonumber(id)
+  for _, d in ipairs(dims) do
+    d.level = d.level - (d.per_request and requests or tokens)
+  end
+  granted = 1
 elseif op == 'settle' then
   local sent = string.sub(id, 1, 1) ~= '!'
   if not sent then id = string.sub(id, 2) end

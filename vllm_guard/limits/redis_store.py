@@ -140,12 +140,15 @@ class RedisQuotaStore:
         self._replica = secrets.token_hex(6)
         self._open: dict[str, TenantKeys] = {}  # this replica's open reservations: id -> keys
         self._pending: dict[str, tuple[TenantKeys, int, bool]] = {}  # settles Redis missed
+        # What replicas served on their own buckets while Redis was down, per tenant:
+        # charged to the shared buckets when it answers again.
+        self._debts: dict[tuple[str, ...], tuple[TenantKeys, int, int]] = {}
         self._back = asyncio.Event()
         self._settling: set[asyncio.Future[None]] = set()
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._debts)
 
     def keys_for(self, tenant: str, limits: Limits) -> TenantKeys:
         return TenantKeys(self.prefix, tenant, limits)
@@ -204,6 +207,27 @@ class RedisQuotaStore:
         task.add_done_callback(self._settling.discard)
         if then is not None:
             task.add_done_callback(lambda _: then())
+
+    def charge_later(self, keys: TenantKeys, requests: int, tokens: int) -> None:
+        """Charge what a request served on this replica's own buckets (Redis down) used to
+        the shared buckets, once Redis answers: the outage does not leave the tenant a
+        fresh budget on top of what it used meanwhile."""
+        _, owed_requests, owed_tokens = self._debts.get(keys.keys, (keys, 0, 0))
+        self._debts[keys.keys] = (keys, owed_requests + requests, owed_tokens + tokens)
+        if self.up and len(self._settling) < 1000:
+            task = asyncio.ensure_future(self._flush_debts())
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def _flush_debts(self) -> None:
+        while self._debts and self.up:
+            name, (keys, requests, tokens) = next(iter(self._debts.items()))
+            del self._debts[name]
+            try:
+                await self._call(keys, "charge", str(requests), tokens)
+            except StoreDown:
+                self.charge_later(keys, requests, tokens)  # kept for the next return
+                return
 
     def _keep(self, reservation_id: str, keys: TenantKeys, used: int, sent: bool) -> None:
         if len(self._pending) >= MAX_PENDING_SETTLES:
@@ -287,6 +311,7 @@ class RedisQuotaStore:
             except StoreDown:
                 return
             self._pending.pop(rid, None)
+        await self._flush_debts()
         await self._renew()
 
     async def _renew(self) -> None:

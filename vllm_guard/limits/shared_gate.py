@@ -153,6 +153,9 @@ class SharedQuotaGate:
         self._on_local = False
         self._levels = reply.levels
         if reply.granted:
+            # Counted locally too: if Redis goes away, this replica's own concurrency share
+            # starts with the requests it is already running.
+            self._local_quota.in_flight += 1
             return Reservation(self, tokens, rid)
         assert reply.denied is not None
         return reply.denied
@@ -274,10 +277,14 @@ class SharedQuotaGate:
     def settle(self, reservation: Reservation, used_tokens: int, sent: bool = True) -> None:
         if reservation.settled:
             return
-        if reservation.quota is not self:
+        if reservation.quota is not self:  # served on this replica's own buckets
             self.local.settle(reservation, used_tokens, sent)
+            if sent:
+                self.store.charge_later(self.keys, 1, used_tokens)
             return
         reservation.settled = True
+        self._local_quota.in_flight -= 1
+        self.local.wake()  # a request waiting on the local share may fit now
         self.store.settle_soon(self.keys, reservation.id, used_tokens, sent, self._kick.set)
 
     def snapshot(self) -> Snapshot:

@@ -10,8 +10,10 @@ admin and tokenizer paths included, is 404 — the guard exposes only what it gu
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +52,8 @@ class GuardApp:
     def __init__(
         self,
         config: CompiledConfig,
-        upstream: Upstream,
-        engine: EngineState,
+        upstream: Upstream | Sequence[Upstream],
+        engine: EngineState | Sequence[EngineState],
         admission: Admission | None = None,
         clock: Clock | None = None,
         scheduler_metrics_file: Path | None = None,
@@ -60,36 +62,53 @@ class GuardApp:
         """`clock`: "now" and the waiters' timers (the event loop's unless a test injects
         a manual one); `scheduler_metrics_file`: the scheduler plugin's metrics (serve);
         `metrics_port`: the port that alone serves /metrics and /metrics/engine (None: the
-        public one does)."""
+        public one does). Several `upstream`s, each with its `engine` state: engines serving
+        the same model, each with `engine.max_num_seqs` slots (see core/admission.py)."""
         self.metrics_port = metrics_port
         self.clock = clock or LoopClock()
         self.config = config
-        self.upstream = upstream
-        self.engine = engine
+        self.upstreams = [upstream] if isinstance(upstream, Upstream) else list(upstream)
+        self.engines = [engine] if isinstance(engine, EngineState) else list(engine)
+        assert len(self.upstreams) == len(self.engines) >= 1
+        self.upstream = self.upstreams[0]
+        # The request path asks "is there an engine to take it?" once per request.
         eng = config.engine
         self.admission = admission or Admission(
             config.max_num_seqs,
             config.classes,
             eng.kv_capacity_tokens if eng.kv_admission else None,
+            engines=len(self.engines),
         )
         self.gate = Gate(self.admission, self.clock, config.guard.unavailable_retry_after_s)
-        self.monitor = EngineMonitor(
-            upstream.base_url,
-            self.engine_sample,
-            eng.metrics_interval_s,
-            eng.metrics_stale_after_s,
-            upstream.headers([], False),
-            "admitting only the most urgent class"
-            if eng.holds_batch_when_stale
-            else "admitting on the guard's own KV accounting",
-        )
-        self._monitor_task: asyncio.Task[None] | None = None
+        several = len(self.engines) > 1
+        labels = [u.label for u in self.upstreams]
+        self.monitors = []
+        for i, (up, state) in enumerate(zip(self.upstreams, self.engines, strict=True)):
+            self.monitors.append(
+                EngineMonitor(
+                    up.base_url,
+                    functools.partial(self.engine_sample, engine=i),
+                    eng.metrics_interval_s,
+                    eng.metrics_stale_after_s,
+                    up.headers([], False),
+                    "admitting only the most urgent class"
+                    if eng.holds_batch_when_stale
+                    else "admitting on the guard's own KV accounting",
+                )
+            )
+            if several:  # one engine: its state answers requests; several: a rotation
+                state.name = f"engine {i} ({up.label})"
+                state.on_ready = functools.partial(self._engine_ready, i)
+                self.admission.set_up(i, state.ready)
+        self.monitor = self.monitors[0]
+        self._monitor_tasks: list[asyncio.Task[None]] = []
         self._store_task: asyncio.Task[None] | None = None
         self.metrics = GuardMetrics(
             config,
             self.admission,
-            engine,
-            self.monitor,
+            self.engines,
+            self.monitors,
+            labels,
             scheduler_metrics_file=scheduler_metrics_file,
         )
         self.quota_store = _quota_store(config)
@@ -103,8 +122,8 @@ class GuardApp:
         ]
         self.generation = Generation(
             config,
-            engine,
-            upstream,
+            self.engines,
+            self.upstreams,
             self.admission,
             self.gate,
             self.quota_gates,
@@ -112,6 +131,7 @@ class GuardApp:
             self.monitor,
             self.clock,
         )
+        self.engine = self.generation.engine  # ready while some engine is
 
     # -- ASGI entry ---------------------------------------------------------------------
 
@@ -147,7 +167,9 @@ class GuardApp:
             body, content_type = render(self.metrics.registry)
             return await responses.send_body(send, 200, body, content_type)
         if path == "/metrics/engine":
-            return await self._engine_metrics(send)
+            return await self._engine_metrics(send, 0)
+        if path.startswith("/metrics/engine/") and path[16:].isdigit():
+            return await self._engine_metrics(send, int(path[16:]))
         if path == "/health":
             return await self._health(send)
         return await responses.NOT_FOUND.send(send)
@@ -156,18 +178,19 @@ class GuardApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self._monitor_task = asyncio.create_task(self.monitor.run())
+                self._monitor_tasks = [asyncio.create_task(m.run()) for m in self.monitors]
                 if self.quota_store is not None:
                     self._store_task = asyncio.create_task(self.quota_store.run())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self._monitor_task is not None:
-                    self._monitor_task.cancel()
+                for task in self._monitor_tasks:
+                    task.cancel()
                 if self._store_task is not None:
                     self._store_task.cancel()
                 if self.quota_store is not None:
                     await self.quota_store.close()
-                await self.upstream.close()
+                for up in self.upstreams:
+                    await up.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -180,15 +203,19 @@ class GuardApp:
         for quota_gate in self.quota_gates.values():
             quota_gate.drain()
 
-    def engine_sample(self, sample: EngineSample | None) -> None:
-        """The monitor's listener, after every poll: None when the reading is stale."""
+    def engine_sample(self, sample: EngineSample | None, engine: int = 0) -> None:
+        """A monitor's listener, after every poll: None when the reading is stale."""
         eng = self.config.engine
         capacity = None
         if eng.kv_admission:
             capacity = eng.kv_capacity_tokens or (sample.kv_capacity_tokens if sample else None)
         hold = sample is None and eng.holds_batch_when_stale
         live = sample.kv_used_tokens if sample is not None else None
-        self.gate.wake(self.admission.engine_update(live, capacity, hold))
+        self.gate.wake(self.admission.engine_update(live, capacity, hold, engine))
+
+    def _engine_ready(self, engine: int, ready: bool) -> None:
+        """An engine went out of rotation (down, hung, refusing) or came back."""
+        self.gate.wake(self.admission.set_up(engine, ready))
 
     def _quota_gate(self, tenant: Tenant) -> TenantGate:
         assert tenant.limits is not None
@@ -220,10 +247,13 @@ class GuardApp:
         else:
             await responses.send_json(send, 503, body, self._unavailable_headers)
 
-    async def _engine_metrics(self, send: Any) -> None:
+    async def _engine_metrics(self, send: Any, engine: int) -> None:
         """vLLM's own /metrics as the guard last read them (vLLM's port is private under
-        `serve`), so one Prometheus job on the guard sees both."""
-        text = self.monitor.text
+        `serve`), so one Prometheus job on the guard sees both: `/metrics/engine` for the
+        first engine, `/metrics/engine/N` for engine N where there are several."""
+        if engine >= len(self.monitors):
+            return await responses.NOT_FOUND.send(send)
+        text = self.monitors[engine].text
         if text is None:
             return await responses.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers)
         await responses.send_body(send, 200, text, b"text/plain; version=0.0.4; charset=utf-8")
@@ -235,8 +265,9 @@ class GuardApp:
         if not self.engine.ready:
             return await responses.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers)
         try:
-            async with self.upstream.session.get(
-                self.upstream.base_url + "/v1/models", headers=self.upstream.headers([], False)
+            upstream = self.generation.ready_upstream()
+            async with upstream.session.get(
+                upstream.base_url + "/v1/models", headers=upstream.headers([], False)
             ) as resp:
                 body = await resp.read()
                 status = resp.status

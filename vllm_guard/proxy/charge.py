@@ -4,7 +4,7 @@ prompt; the 429 (or 400) when it does not fit, with OpenAI's x-ratelimit-* heade
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from vllm_guard.core.classes import PriorityClass, Tenant
@@ -15,18 +15,17 @@ from vllm_guard.proxy.admission_gate import RefusalReason, Refused
 from vllm_guard.proxy.clock import Clock
 from vllm_guard.proxy.metrics import GuardMetrics
 from vllm_guard.proxy.quota_gate import DRAINED, STORE_DOWN, TenantGate
-from vllm_guard.upstream.connections import Upstream
 
 
 class QuotaCharge:
     def __init__(
         self,
         tenants: Mapping[str, Tenant],
-        upstream: Upstream,
+        tokenize: Callable[[dict[str, Any]], Awaitable[int | None]],
         metrics: GuardMetrics,
         clock: Clock,
     ) -> None:
-        self.upstream = upstream
+        self.tokenize = tokenize  # vLLM's /tokenize count, or None
         self.metrics = metrics
         self.clock = clock
         # The 429 of each tenant and dimension, built once at load.
@@ -80,7 +79,7 @@ class QuotaCharge:
             return held, est
         try:
             counting = tokenize_request(path, payload)
-            exact = None if counting is None else await self.upstream.tokenize(counting)
+            exact = None if counting is None else await self.tokenize(counting)
             est = estimate(path, payload, priority_class.default_max_tokens, exact)
         except BaseException:  # the client left while its prompt was counted
             quota.settle(held, 0, sent=False)

@@ -23,31 +23,34 @@ _EVENT_STREAM = b"text/event-stream"
 
 
 class Forwarder:
-    def __init__(
-        self, upstream: Upstream, clock: Clock, unavailable_headers: list[tuple[bytes, bytes]]
-    ) -> None:
-        self.upstream = upstream
+    def __init__(self, clock: Clock, unavailable_headers: list[tuple[bytes, bytes]]) -> None:
         self.clock = clock
         self._unavailable_headers = unavailable_headers
 
     async def __call__(
         self,
         send: Any,
+        upstream: Upstream,
         path: str,
         body: bytes,
         forwarded: list[tuple[bytes, bytes]],
         guard_headers: list[tuple[bytes, bytes]],
         stream: bool,
         usage: RequestUsage,
+        failover: bool = False,
     ) -> Outcome:
         """Send the request to vLLM and its answer to the client; returns the outcome.
-        Notes in `usage` what vLLM reported the request cost."""
+        Notes in `usage` what vLLM reported the request cost. `failover`: another engine
+        could take it, so a connection that could not be opened answers nothing and
+        returns `NOT_TAKEN`."""
         usage.sent = True
         try:
-            resp = await self.upstream.post(path, body, forwarded)
+            resp = await upstream.post(path, body, forwarded)
         except UPSTREAM_ERRORS as exc:
             # Only a connection never made proves vLLM never saw the request.
             usage.sent = not isinstance(exc, UpstreamConnectError)
+            if failover and not usage.sent:
+                return Outcome.NOT_TAKEN
             return await self._upstream_failed(send, exc, guard_headers)
 
         headers = [(k, v) for k, v in resp.headers if k in FORWARDED_RESPONSE_HEADERS]

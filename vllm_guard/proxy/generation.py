@@ -14,7 +14,7 @@ vLLM aborts the request and frees its KV cache.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vllm_guard.config import CompiledConfig
@@ -27,7 +27,7 @@ from vllm_guard.core.cost import (
     prompt_token_bound,
     tokenize_request,
 )
-from vllm_guard.engine.state import EngineState
+from vllm_guard.engine.state import AnyEngine, EngineState
 from vllm_guard.proxy import responses
 from vllm_guard.proxy.admission_gate import Gate, Refused, refusal_responses, retry_after_header
 from vllm_guard.proxy.auth import Authenticator
@@ -64,8 +64,8 @@ class Generation:
     def __init__(
         self,
         config: CompiledConfig,
-        engine: EngineState,
-        upstream: Upstream,
+        engines: Sequence[EngineState],
+        upstreams: Sequence[Upstream],
         admission: Admission,
         gate: Gate,
         quota_gates: Mapping[str, TenantGate],
@@ -74,8 +74,10 @@ class Generation:
         clock: Clock,
     ) -> None:
         self.config = config
-        self.engine = engine
-        self.upstream = upstream
+        # Is there an engine to take it? Asked once per request.
+        self.engine = engines[0] if len(engines) == 1 else AnyEngine(engines)
+        self.upstreams = upstreams
+        self._engines = engines  # each upstream's state
         self.admission = admission
         self.gate = gate
         self.quota_gates = quota_gates
@@ -88,8 +90,8 @@ class Generation:
             (b"retry-after", str(config.guard.unavailable_retry_after_s).encode())
         ]
         self._too_large = responses.body_too_large(config.guard.max_body_bytes)
-        self.charge = QuotaCharge(config.tenants, upstream, metrics, clock)
-        self.forward = Forwarder(upstream, clock, self._unavailable_headers)
+        self.charge = QuotaCharge(config.tenants, self.tokenize, metrics, clock)
+        self.forward = Forwarder(clock, self._unavailable_headers)
         self.waiting_bytes = 0  # bodies of requests not yet admitted (quota or queue)
         self._refusals = refusal_responses(config.classes)
 
@@ -244,24 +246,63 @@ class Generation:
         # A class the engine preempts reserves no KV (engine.scheduler: guard).
         kv = await self._kv_tokens(req, completion) if priority_class.kv_admission else 0
         started = self.clock.now()
-        try:
-            ticket = await self.gate.acquire(
-                priority_class, tenant.name, cost, tenant.weight, kv, parsed.sequences
-            )
-        except Refused as refused:
-            return await self._refuse(send, refused)
-        self._stop_waiting(req.usage)
-        try:
-            waited_s = self.clock.now() - started
-            self.metrics.queue_wait[priority_class.name].observe(waited_s)
-            headers = [*req.guard_headers, (_QUEUE_HEADER, f"{waited_s * 1000:.1f}".encode())]
-            outcome = await self.forward(
-                send, req.path, req.body, req.forwarded, headers, parsed.stream, req.usage
-            )
-            self.metrics.count(priority_class.name, outcome)
-        finally:
-            self.gate.release(ticket)
-        return None
+        several = len(self.upstreams) > 1
+        tries_left = len(self.upstreams) - 1  # another engine for one that never took it
+        while True:
+            try:
+                ticket = await self.gate.acquire(
+                    priority_class, tenant.name, cost, tenant.weight, kv, parsed.sequences
+                )
+            except Refused as refused:
+                return await self._refuse(send, refused)
+            self._stop_waiting(req.usage)
+            try:
+                waited_s = self.clock.now() - started
+                self.metrics.queue_wait[priority_class.name].observe(waited_s)
+                headers = [*req.guard_headers, (_QUEUE_HEADER, f"{waited_s * 1000:.1f}".encode())]
+                outcome = await self.forward(
+                    send,
+                    self.upstreams[ticket.engine],
+                    req.path,
+                    req.body,
+                    req.forwarded,
+                    headers,
+                    parsed.stream,
+                    req.usage,
+                    failover=several,
+                )
+                if outcome is Outcome.NOT_TAKEN:
+                    self._out_of_rotation(ticket.engine)
+                    if tries_left > 0 and self.engine.ready:
+                        tries_left -= 1
+                        continue
+                    outcome = Outcome.UPSTREAM_ERROR
+                    await responses.ENGINE_UNAVAILABLE.send(
+                        send, self._unavailable_headers + headers
+                    )
+                self.metrics.count(priority_class.name, outcome)
+            finally:
+                self.gate.release(ticket)
+            return None
+
+    def _out_of_rotation(self, engine: int) -> None:
+        """An engine refused a connection (or dropped one before answering anything): out
+        of rotation until its health check passes again; its request goes to another."""
+        self.metrics.failover(engine)
+        state = self._engines[engine]
+        if state.ready:
+            state.set("unreachable")
+
+    def ready_upstream(self) -> Upstream:
+        """An engine that takes requests (the first one, if none does)."""
+        for upstream, state in zip(self.upstreams, self._engines, strict=True):
+            if state.ready:
+                return upstream
+        return self.upstreams[0]
+
+    async def tokenize(self, body: dict[str, Any]) -> int | None:
+        """vLLM's /tokenize count for `body` on an engine that is up (None: no answer)."""
+        return await self.ready_upstream().tokenize(body)
 
     def _settle(self, req: Request) -> None:
         """However the request ended: its waiting bytes, its latency, and its quota settled
@@ -282,7 +323,7 @@ class Generation:
         its n sequences, each capped at the model's max_model_len. The prompt is counted
         exactly (vLLM's /tokenize) only where it matters: a request whose tokenizer-free
         upper bound already fits the headroom reserves the bound and costs nothing extra."""
-        if self.admission.kv.capacity is None:
+        if not self.admission.kv_known:
             return 0
         parsed, est = req.parsed, req.est
         payload = parsed.payload
@@ -292,7 +333,7 @@ class Generation:
             prompt = prompt_token_bound(req.path, payload, len(req.body))
             if prompt * parsed.n + completion > self.admission.kv_headroom(req.priority_class):
                 body = tokenize_request(req.path, payload)
-                exact = None if body is None else await self.upstream.tokenize(body)
+                exact = None if body is None else await self.tokenize(body)
                 if exact is not None:
                     prompt = exact
         tokens = prompt * parsed.n + completion

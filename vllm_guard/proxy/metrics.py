@@ -8,7 +8,7 @@ touches a gauge.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +44,7 @@ class Outcome(enum.StrEnum):
     ENGINE_UNAVAILABLE = "engine_unavailable"
     UPSTREAM_ERROR = "upstream_error"  # connection lost or timed out after admission
     CLIENT_DISCONNECT = "client_disconnect"
+    NOT_TAKEN = "not_taken"  # the engine never took it: sent to another (not counted)
 
 
 class LimitAction(enum.StrEnum):
@@ -58,10 +59,19 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 
 
 class _StateCollector(Collector):
-    def __init__(self, admission: Admission, engine: EngineState, monitor: EngineMonitor) -> None:
+    """Queues and slots per class, and each engine's state (label `engine`: its address)."""
+
+    def __init__(
+        self,
+        admission: Admission,
+        engines: Sequence[EngineState],
+        monitors: Sequence[EngineMonitor],
+        labels: Sequence[str],
+    ) -> None:
         self._admission = admission
-        self._engine = engine
-        self._monitor = monitor
+        self._engines = engines
+        self._monitors = monitors
+        self._labels = labels
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         depth = GaugeMetricFamily(
@@ -74,70 +84,75 @@ class _StateCollector(Collector):
         )
         limit = GaugeMetricFamily(
             "vllm_guard_slot_limit",
-            "Engine slots the class may fill (max_num_seqs minus more urgent reservations).",
+            "Engine slots the class may fill (max_num_seqs minus more urgent reservations), "
+            "on each engine.",
             labels=["class"],
         )
         for s in self._admission.statistics():
             depth.add_metric([s.name], s.queued)
             in_flight.add_metric([s.name], s.in_flight)
             limit.add_metric([s.name], s.slot_limit)
-        up = GaugeMetricFamily("vllm_guard_engine_up", "1 while the engine takes requests.")
-        up.add_metric([], 1.0 if self._engine.ready else 0.0)
-        restarts = GaugeMetricFamily(
-            "vllm_guard_engine_restarts", "Times the launcher restarted the engine."
-        )
-        restarts.add_metric([], self._engine.restarts)
-        yield from (depth, in_flight, limit, up, restarts)
-        yield from self._kv()
+        yield from (depth, in_flight, limit)
+        yield from self._engine_families()
 
-    def _kv(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        kv = self._admission.kv
-        reserved = GaugeMetricFamily(
+    def _engine_families(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        def gauge(name: str, doc: str, *labels: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=["engine", *labels])
+
+        up = gauge("vllm_guard_engine_up", "1 while the engine takes requests.")
+        restarts = gauge("vllm_guard_engine_restarts", "Times the launcher restarted the engine.")
+        held = gauge(
+            "vllm_guard_engine_in_flight",
+            "Slots the guard's admitted requests hold on the engine (one per sequence).",
+        )
+        reserved = gauge(
             "vllm_guard_kv_reserved_tokens",
             "KV-cache tokens reserved by requests the guard admitted (prompt + completion "
             "budget each, until they end).",
         )
-        reserved.add_metric([], kv.reserved)
-        yield reserved
-        if kv.capacity is not None:
-            capacity = GaugeMetricFamily(
-                "vllm_guard_kv_capacity_tokens", "The engine's KV-cache capacity in tokens."
-            )
-            capacity.add_metric([], kv.capacity)
-            yield capacity
-        stale = GaugeMetricFamily(
+        capacity = gauge(
+            "vllm_guard_kv_capacity_tokens", "The engine's KV-cache capacity in tokens."
+        )
+        stale = gauge(
             "vllm_guard_engine_metrics_stale",
             "1 while the engine's /metrics give no fresh KV reading (the guard then admits on "
             "its own accounting, or holds batch, as engine.on_stale says).",
         )
-        stale.add_metric([], 1.0 if self._monitor.stale else 0.0)
-        yield stale
-        sample = self._monitor.sample
-        if sample is None:
-            return
-        if sample.kv_usage is not None:
-            usage = GaugeMetricFamily(
-                "vllm_guard_engine_kv_usage_ratio",
-                "KV-cache usage the engine last reported (0-1), as the guard read it.",
-            )
-            usage.add_metric([], sample.kv_usage)
-            yield usage
-        requests = GaugeMetricFamily(
+        usage = gauge(
+            "vllm_guard_engine_kv_usage_ratio",
+            "KV-cache usage the engine last reported (0-1), as the guard read it.",
+        )
+        requests = gauge(
             "vllm_guard_engine_requests",
             "Requests in the engine as it last reported them, by state.",
-            labels=["state"],
+            "state",
         )
-        for state, value in (("running", sample.running), ("waiting", sample.waiting)):
-            if value is not None:
-                requests.add_metric([state], value)
-        yield requests
-        if sample.preemptions is not None:
-            preemptions = CounterMetricFamily(
-                "vllm_guard_engine_preemptions",
-                "Preemptions the engine reported (vllm:num_preemptions_total).",
-            )
-            preemptions.add_metric([], sample.preemptions)
-            yield preemptions
+        preemptions = CounterMetricFamily(
+            "vllm_guard_engine_preemptions",
+            "Preemptions the engine reported (vllm:num_preemptions_total).",
+            labels=["engine"],
+        )
+        for label, state, slots, monitor in zip(
+            self._labels, self._engines, self._admission.engines, self._monitors, strict=True
+        ):
+            up.add_metric([label], 1.0 if state.ready else 0.0)
+            restarts.add_metric([label], state.restarts)
+            held.add_metric([label], slots.in_flight)
+            reserved.add_metric([label], slots.kv.reserved)
+            if slots.kv.capacity is not None:
+                capacity.add_metric([label], slots.kv.capacity)
+            stale.add_metric([label], 1.0 if monitor.stale else 0.0)
+            sample = monitor.sample
+            if sample is None:
+                continue
+            if sample.kv_usage is not None:
+                usage.add_metric([label], sample.kv_usage)
+            for name, value in (("running", sample.running), ("waiting", sample.waiting)):
+                if value is not None:
+                    requests.add_metric([label, name], value)
+            if sample.preemptions is not None:
+                preemptions.add_metric([label], sample.preemptions)
+        yield from (up, restarts, held, reserved, capacity, stale, usage, requests, preemptions)
 
 
 class _SchedulerPluginCollector(Collector):
@@ -198,8 +213,9 @@ class GuardMetrics:
         self,
         config: CompiledConfig,
         admission: Admission,
-        engine: EngineState,
-        monitor: EngineMonitor,
+        engines: Sequence[EngineState],
+        monitors: Sequence[EngineMonitor],
+        engine_labels: Sequence[str],
         registry: CollectorRegistry | None = None,
         scheduler_metrics_file: Path | None = None,
     ) -> None:
@@ -270,13 +286,24 @@ class GuardMetrics:
             for kind in ("charged", "used"):
                 self._tokens_by[name, kind] = self._tokens.labels(name, kind)
         names = [c.name for c in config.classes]
-        self.outcome = {
-            (name, outcome): requests.labels(name, outcome) for name in names for outcome in Outcome
+        self.outcome: dict[tuple[str, Outcome], Any] = {
+            (name, outcome): requests.labels(name, outcome)
+            for name in names
+            for outcome in Outcome
+            if outcome is not Outcome.NOT_TAKEN
         }
         self.queue_wait = {name: queue_wait.labels(name) for name in names}
         self._duration = {name: duration.labels(name) for name in names}
         self._ttft = {name: ttft.labels(name) for name in names}
-        self.registry.register(_StateCollector(admission, engine, monitor))
+        self.registry.register(_StateCollector(admission, engines, monitors, engine_labels))
+        failovers = Counter(
+            "vllm_guard_engine_failovers",
+            "Requests an engine never took (connection refused or dropped before it answered "
+            "anything) that the guard sent to another engine.",
+            ["engine"],
+            registry=self.registry,
+        )
+        self._failovers = [failovers.labels(label) for label in engine_labels]
         fallback = Counter(
             "vllm_guard_quota_store_fallback",
             "Requests decided by their class's on_store_down because the shared quota store "
@@ -293,6 +320,9 @@ class GuardMetrics:
         plugin_file = scheduler_metrics_file or config.engine.scheduler_metrics_file
         if plugin_file is not None:
             self.registry.register(_SchedulerPluginCollector(Path(plugin_file)))
+
+    def failover(self, engine: int) -> None:
+        self._failovers[engine].inc()
 
     def watch_quota_store(self, store: QuotaStoreHealth) -> None:
         self.registry.register(_QuotaStoreCollector(store))

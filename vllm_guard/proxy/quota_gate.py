@@ -185,6 +185,11 @@ class QuotaGate:
         if self._waiters:
             self._wake()
 
+    def wake(self) -> None:
+        """Let in the waiters the buckets admit now (after a change made elsewhere)."""
+        if self._waiters:
+            self._wake()
+
     def _wake(self) -> None:
         if self._timer is not None:
             self._timer.cancel()

@@ -8,7 +8,7 @@ import logging
 import math
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,15 +76,16 @@ async def _serve(server: uvicorn.Server, listen: Listen) -> None:
 
 
 def _watchdog(
-    app: GuardApp, base_url: str, restart: Callable[[str], Awaitable[None]] | None
+    app: GuardApp, engine: int, restart: Callable[[str], Awaitable[None]] | None
 ) -> EngineWatchdog:
     eng = app.config.engine
+    upstream, monitor = app.upstreams[engine], app.monitors[engine]
     return EngineWatchdog(
-        base_url,
-        app.upstream.headers([], False),
-        app.engine,
-        lambda: app.monitor.sample,
-        app.upstream.fail_in_flight,
+        upstream.base_url,
+        upstream.headers([], False),
+        app.engines[engine],
+        lambda: monitor.sample,
+        upstream.fail_in_flight,
         eng.hang_detect_s,
         restart,
         eng.hang_restart_after_s,
@@ -156,7 +157,7 @@ async def serve_with_vllm(
     )
     host, port = listen.host, listen.port
     server = _uvicorn_server(app, host, port)
-    watchdog = _watchdog(app, supervisor.base_url, supervisor.kill)
+    watchdog = _watchdog(app, 0, supervisor.kill)
     exit_code = 0
 
     def on_first_ready(fut: asyncio.Future[None]) -> None:
@@ -196,11 +197,38 @@ async def serve_with_vllm(
     return exit_code
 
 
-async def serve_proxy(config: CompiledConfig, upstream_url: str, listen: Listen) -> int:
-    engine = EngineState()
-    upstream = Upstream(upstream_url, config.guard, config.upstream_api_key, config.engine_key)
-    app = GuardApp(config, upstream, engine, metrics_port=listen.metrics_port)
+async def serve_proxy(config: CompiledConfig, upstream_urls: Sequence[str], listen: Listen) -> int:
+    """Guard engines already running at `upstream_urls` (several: engines serving the same
+    model, each followed by its own health poller and watchdog)."""
+    upstreams = [
+        Upstream(url, config.guard, config.upstream_api_key, config.engine_key)
+        for url in upstream_urls
+    ]
+    engines = [EngineState() for _ in upstreams]
+    app = GuardApp(config, upstreams, engines, metrics_port=listen.metrics_port)
     server = _uvicorn_server(app, listen.host, listen.port)
+    for upstream in upstreams:
+        await _check_upstream(config, upstream)
+    tasks = []
+    for i, (upstream, engine) in enumerate(zip(upstreams, engines, strict=True)):
+        headers = upstream.headers([], False)
+        tasks.append(asyncio.create_task(poll_health(engine, upstream.base_url, headers=headers)))
+        tasks.append(asyncio.create_task(_watchdog(app, i, None).run()))
+    if len(upstreams) > 1:
+        log.warning(
+            "guarding %d engines: %s", len(upstreams), ", ".join(u.label for u in upstreams)
+        )
+    with _signals_for_uvicorn():
+        try:
+            await _serve(server, listen)
+        finally:
+            for task in tasks:
+                task.cancel()
+    return 0
+
+
+async def _check_upstream(config: CompiledConfig, upstream: Upstream) -> None:
+    """Say what can be known of an upstream's scheduling setup that would void the guard's."""
     engine_headers = upstream.headers([], False)
     policy = await detect_scheduling_policy(upstream.base_url, engine_headers)
     if policy is None:
@@ -211,8 +239,9 @@ async def serve_proxy(config: CompiledConfig, upstream_url: str, listen: Listen)
         )
     elif policy != "priority":
         log.error(
-            "the upstream runs --scheduling-policy %s: vLLM ignores request priorities; restart "
-            "it with --scheduling-policy priority",
+            "the upstream %s runs --scheduling-policy %s: vLLM ignores request priorities; "
+            "restart it with --scheduling-policy priority",
+            upstream.label,
             policy,
         )
     if config.engine.scheduler == "guard":
@@ -229,12 +258,3 @@ async def serve_proxy(config: CompiledConfig, upstream_url: str, listen: Listen)
                 "engine.scheduler: guard: no slot or KV share is reserved; the upstream must "
                 "run vllm_guard's scheduler plugin (vllm-guard check-config shows how)"
             )
-    poller = asyncio.create_task(poll_health(engine, upstream.base_url, headers=engine_headers))
-    watching = asyncio.create_task(_watchdog(app, upstream.base_url, None).run())
-    with _signals_for_uvicorn():
-        try:
-            await _serve(server, listen)
-        finally:
-            poller.cancel()
-            watching.cancel()
-    return 0

@@ -39,6 +39,8 @@ class Upstream:
         `engine/middleware.py` requires on every request to the engine."""
         self.base_url = base_url.rstrip("/")
         self._url = split_base_url(base_url)
+        self.label = self._url.netloc
+        """host:port, as metrics and logs name the engine."""
         self._host_header = self._url.netloc.encode()
         self._prefix = self._url.prefix.encode()
         self._settings = settings
