@@ -37,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from common import write_report
 from limits_accuracy import LIMITS, WORDS, _sample_running, max_window_ratio
 
 from vllm_guard.engine.launcher import free_port
+from vllm_guard.testing.prometheus import parse_prometheus, total
 from vllm_guard.testing.redis_server import RedisServer
 from vllm_guard.testing.stack import Stack, running_stack, start_proxy, stop, wait_healthy
 
@@ -71,6 +73,7 @@ engine: {{max_num_seqs: 16, scheduler: vllm}}
 guard:
   engine_key: "env:VLLM_GUARD_ENGINE_KEY"
   quota_store: "{store}"
+  quota_store_timeout_s: {timeout_s}
   replicas: {replicas}
 classes:
   batch: {{vllm_priority: 10, max_queue: 5000, max_wait_s: 900, on_limit: wait}}
@@ -97,9 +100,12 @@ tenants:
 class Replicas:
     """`n` proxy replicas in front of the stack's vLLM with one quota store."""
 
-    def __init__(self, stack: Stack, store: str, n: int, work: Path, name: str) -> None:
+    def __init__(
+        self, stack: Stack, store: str, n: int, work: Path, name: str, timeout_s: float
+    ) -> None:
         config = work / f"{name}.yaml"
-        config.write_text(PROXY_CONFIG.format(store=store, replicas=n, **LIMITS))
+        text = PROXY_CONFIG.format(store=store, replicas=n, timeout_s=timeout_s, **LIMITS)
+        config.write_text(text)
         env = {**KEYS, "VLLM_GUARD_ENGINE_KEY": stack.engine_key}
         self.urls: list[str] = []
         self.logs: list[Path] = []
@@ -111,6 +117,21 @@ class Replicas:
             self.logs.append(log)
         for url, proc, log in zip(self.urls, self.procs, self.logs, strict=True):
             wait_healthy(url, proc, 60, log)
+
+    def store_counts(self) -> dict[str, float]:
+        """Over the replicas: Redis calls that failed or timed out, and requests decided by
+        on_store_down (served locally, refused)."""
+        out = {"errors": 0.0, "local": 0.0, "reject": 0.0}
+        for url in self.urls:
+            m = parse_prometheus(
+                urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+            )
+            out["errors"] += total(m, "vllm_guard_quota_store_errors_total")
+            for posture in ("local", "reject"):
+                out[posture] += total(
+                    m, "vllm_guard_quota_store_fallback_total", f"posture={posture}"
+                )
+        return out
 
     def cpu_s(self) -> float:
         total = 0.0
@@ -216,10 +237,11 @@ async def _accuracy(stack: Stack, work: Path, redis: RedisServer, args: argparse
     for name, store, n in (("memory", "memory", 1), ("redis", redis.url, REPLICAS)):
         redis.stop()
         redis.start()  # empty buckets for each path
-        replicas = Replicas(stack, store, n, work, f"accuracy-{name}")
+        replicas = Replicas(stack, store, n, work, f"accuracy-{name}", args.timeout_ms / 1000)
         try:
             print(f"accuracy: {name}, {n} replica(s)", flush=True)
             out, peak = await _load(stack, replicas.urls, ["ETL_KEY"], args.clients, args.duration)
+            store = replicas.store_counts()
         finally:
             replicas.stop()
         done = out["ETL_KEY"]
@@ -231,13 +253,14 @@ async def _accuracy(stack: Stack, work: Path, redis: RedisServer, args: argparse
             "tokens": sum(d["tokens"] for d in ok),
             "max_window_ratio_at_completion": _ratios(done),
             "peak_running_in_vllm": peak,
+            "store": store,
         }
     return result
 
 
 async def _cost(stack: Stack, work: Path, redis: RedisServer, args: argparse.Namespace) -> dict:
-    memory = Replicas(stack, "memory", 1, work, "cost-memory")
-    shared = Replicas(stack, redis.url, 1, work, "cost-redis")
+    memory = Replicas(stack, "memory", 1, work, "cost-memory", args.timeout_ms / 1000)
+    shared = Replicas(stack, redis.url, 1, work, "cost-redis", args.timeout_ms / 1000)
     body = {"model": "tiny", "prompt": "cost", "max_tokens": 1}
     headers = {"Authorization": f"Bearer {KEYS['FREE_KEY']}"}
 
@@ -299,7 +322,7 @@ def _log_events(log: Path, needle: str) -> list[float]:
 async def _outage(stack: Stack, work: Path, redis: RedisServer, args: argparse.Namespace) -> dict:
     redis.stop()
     redis.start()
-    replicas = Replicas(stack, redis.url, REPLICAS, work, "outage")
+    replicas = Replicas(stack, redis.url, REPLICAS, work, "outage", args.timeout_ms / 1000)
     duration = args.outage_duration
     down_at, up_at = duration / 3, 2 * duration / 3
     marks: dict[str, float] = {}
@@ -318,6 +341,7 @@ async def _outage(stack: Stack, work: Path, redis: RedisServer, args: argparse.N
         out, peak = await _load(
             stack, replicas.urls, ["LOCAL_KEY", "REJECT_KEY"], args.clients // 2, duration, fault
         )
+        store = replicas.store_counts()
     finally:
         replicas.stop()
     noticed = [
@@ -364,6 +388,7 @@ async def _outage(stack: Stack, work: Path, redis: RedisServer, args: argparse.N
         "noticed_s": noticed,
         "recovered_s": recovered,
         "peak_running_in_vllm": peak,
+        "store": store,
         "tenants": tenants,
     }
 
@@ -400,6 +425,11 @@ def _markdown(r: dict[str, Any]) -> str:
         row("memory"),
         row("redis"),
         "",
+        f"Redis calls that failed or missed their {r['args']['timeout_ms']:g} ms deadline "
+        f"during the Redis run (Redis never stopped): {acc['redis']['store']['errors']:.0f}; "
+        f"requests served on a replica's own share meanwhile: "
+        f"{acc['redis']['store']['local']:.0f}.",
+        "",
         f"Redis's cost per request ({len(cost['pairs'])} alternating pairs of "
         f"{r['args']['cost_requests']} requests, 4 clients, 1-token completions; median "
         "[min – max] over pairs, Redis minus memory): "
@@ -414,7 +444,10 @@ def _markdown(r: dict[str, Any]) -> str:
         + ", ".join(f"{x * 1000:.0f} ms" for x in out["noticed_s"])
         + "; recovered after "
         + ", ".join(f"{x:.2f} s" for x in out["recovered_s"])
-        + f". Peak running in vLLM: {out['peak_running_in_vllm']:.0f}.",
+        + f". Peak running in vLLM: {out['peak_running_in_vllm']:.0f} (two tenants, 8 each). "
+        f"Redis calls failed: {out['store']['errors']:.0f}; requests decided by "
+        f"on_store_down: local {out['store']['local']:.0f}, reject "
+        f"{out['store']['reject']:.0f}.",
         "",
         "| on_store_down | phase | served | tokens | refused | max ratio (tokens, requests) |",
         "|---|---|---:|---:|---|---|",
@@ -466,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cost-reps", type=int, default=4, help="memory/redis pairs (default 4)")
     p.add_argument("--cost-requests", type=int, default=400, help="requests per block")
     p.add_argument("--outage-duration", type=float, default=90, help="s (default 90)")
+    p.add_argument(
+        "--timeout-ms", type=float, default=100, help="guard.quota_store_timeout_s, in ms"
+    )
     p.add_argument("--out", type=Path, default=Path("results/shared_limits"))
     args = p.parse_args(argv)
     result = asyncio.run(_run(args))

@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -31,26 +30,8 @@ tenants:
 """
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def _engine_core(stack: Stack) -> int:
-    """vLLM's engine-core process: the child of its API server named VLLM::EngineCore."""
-    assert stack.proc is not None
-    for api_server in _children(stack.proc.pid):
-        for child in _children(api_server):
-            if b"EngineCore" in Path(f"/proc/{child}/cmdline").read_bytes():
-                return child
-    raise AssertionError("no engine-core process found")
+    return stack.vllm_pids()[1]
 
 
 def _client(stack: Stack) -> openai.OpenAI:

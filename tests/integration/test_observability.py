@@ -28,7 +28,9 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "configs" / "grafana" / "vllm-guard.json"
-PLUGIN_PANELS = "Scheduler plugin:"
+# Panels of other stacks: the plugin's (test_scheduler_plugin) and Redis's
+# (test_shared_limits); the session's stack runs neither.
+PLUGIN_PANELS = ("Scheduler plugin:", "Quota store")
 ALERTS = ROOT / "configs" / "prometheus" / "alerts.yml"
 PROMETHEUS_YML = ROOT / "configs" / "prometheus" / "prometheus.yml"
 
@@ -96,7 +98,7 @@ def _panel_queries() -> list[tuple[str, str]]:
     out = []
     for panel in dashboard["panels"]:
         if panel["title"].startswith(PLUGIN_PANELS):
-            continue  # the session's stack runs vLLM's scheduler: see test_scheduler_plugin
+            continue  # not on the session's stack: see PLUGIN_PANELS
         for target in panel["targets"]:
             expr = (
                 target["expr"]

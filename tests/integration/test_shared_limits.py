@@ -4,6 +4,7 @@ tenants' limits through a real Redis; then Redis stopped and started again."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -16,6 +17,7 @@ from vllm_guard.testing.stack import start_proxy, stop, wait_healthy
 
 pytestmark = pytest.mark.integration
 
+DASHBOARD = Path(__file__).parents[2] / "configs" / "grafana" / "vllm-guard.json"
 KEYS = {"SHARED_KEY": "it-shared-key-2c9e", "STRICT_KEY": "it-strict-key-f00d"}
 RATE_PER_MIN = 6.0
 

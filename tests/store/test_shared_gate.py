@@ -198,3 +198,24 @@ async def test_the_local_concurrency_share_counts_requests_already_running(
     assert isinstance(refused, Denied) and refused.dimension == CONCURRENCY
     g.settle(running, 0)
     assert isinstance(await g.reserve(0, max_wait_s=0), Reservation)
+
+
+async def test_requests_running_when_redis_went_away_hold_back_the_local_refill(
+    redis_server: RedisServer, stores
+):
+    # 1 a second, burst 3; one replica, so the local share is the whole limit.
+    limits = Limits(requests_per_minute=60, burst={"requests_per_minute": 3})
+    g = gate(stores[0], limits, "local", replicas=1)
+    running = [await g.reserve(1, max_wait_s=0) for _ in range(3)]
+    assert all(isinstance(r, Reservation) for r in running)
+    redis_server.pause()
+    refused = await g.reserve(1, max_wait_s=0)
+    assert isinstance(refused, Denied)  # on local buckets now: nothing left
+    await asyncio.sleep(2.5)
+    # Redis held the 3 running requests back from refill; so do the local buckets: they
+    # will complete inside this window, and the bucket promised B + r*t for it.
+    assert isinstance(await g.reserve(1, max_wait_s=0), Denied)
+    g.settle(running[0], 1)  # one ends: its share of refill is free again
+    await asyncio.sleep(1.1)
+    assert isinstance(await g.reserve(1, max_wait_s=0), Reservation)
+    redis_server.resume()

@@ -78,6 +78,8 @@ class SharedQuotaGate:
         self._local_quota = TenantQuota(split_limits(limits, replicas), 0.0)
         self.local = QuotaGate(self._local_quota, on_delay, clock)
         self._on_local = False  # charging local buckets since Redis went away
+        self._open: dict[str, int] = {}  # this replica's open Redis reservations: id -> tokens
+        self._held: dict[str, int] = {}  # of those, the ones the local buckets hold back
         self.on_delay = on_delay
         self.on_fallback = on_fallback
         self._levels: tuple[float, ...] | None = None  # the buckets as Redis last said
@@ -150,12 +152,16 @@ class SharedQuotaGate:
         rid = self.store.new_id()
         seed = self._seed() if self._on_local else ()
         reply = await self.store.reserve(self.keys, rid, tokens, seed)
-        self._on_local = False
+        if self._on_local:
+            self._on_local = False
+            for held in list(self._held):
+                self._release_hold(held)
         self._levels = reply.levels
         if reply.granted:
             # Counted locally too: if Redis goes away, this replica's own concurrency share
             # starts with the requests it is already running.
             self._local_quota.in_flight += 1
+            self._open[rid] = tokens
             return Reservation(self, tokens, rid)
         assert reply.denied is not None
         return reply.denied
@@ -177,14 +183,29 @@ class SharedQuotaGate:
 
     def _start_local(self) -> None:
         """The local buckets take over where the shared ones were last seen (this replica's
-        share of them): the replicas together do not start the outage with a fresh burst."""
-        if self._levels is None:
+        share of them): the replicas together do not start the outage with a fresh burst.
+        What this replica's running requests reserved in Redis stays held back from the
+        local buckets' refill until they end, as Redis held it back: the promise holds at
+        completion across the switch."""
+        now = self._clock.now()
+        if self._levels is not None:
+            for (dim, _, _), level in zip(self.keys.dimensions, self._levels, strict=True):
+                bucket = self._local_quota.buckets[dim]
+                bucket.refill(now)
+                bucket.clip(level / self._replicas)
+        self._held = dict(self._open)
+        for dim, bucket in self._local_quota.buckets.items():
+            bucket.refill(now)
+            bucket.reserved += len(self._held) if dim == REQUESTS else sum(self._held.values())
+
+    def _release_hold(self, rid: str) -> None:
+        tokens = self._held.pop(rid, None)
+        if tokens is None:
             return
         now = self._clock.now()
-        for (dim, _, _), level in zip(self.keys.dimensions, self._levels, strict=True):
-            bucket = self._local_quota.buckets[dim]
+        for dim, bucket in self._local_quota.buckets.items():
             bucket.refill(now)
-            bucket.clip(level / self._replicas)
+            bucket.reserved = max(0.0, bucket.reserved - (1 if dim == REQUESTS else tokens))
 
     def _seed(self) -> tuple[float, ...]:
         """For a Redis that comes back empty: each bucket at this replica's local level
@@ -272,6 +293,8 @@ class SharedQuotaGate:
         self._levels = reply.levels
         if reply.granted:
             reservation.tokens += tokens
+            if reservation.id in self._open:
+                self._open[reservation.id] += tokens
         return reply.granted
 
     def settle(self, reservation: Reservation, used_tokens: int, sent: bool = True) -> None:
@@ -284,6 +307,8 @@ class SharedQuotaGate:
             return
         reservation.settled = True
         self._local_quota.in_flight -= 1
+        self._open.pop(reservation.id, None)
+        self._release_hold(reservation.id)
         self.local.wake()  # a request waiting on the local share may fit now
         self.store.settle_soon(self.keys, reservation.id, used_tokens, sent, self._kick.set)
 

@@ -14,7 +14,7 @@ from vllm_guard.proxy.clock import Clock
 from vllm_guard.proxy.metrics import Outcome
 from vllm_guard.proxy.usage import RequestUsage, UsageTap, usage_of_body, usage_total
 from vllm_guard.upstream.connections import FORWARDED_RESPONSE_HEADERS, Upstream
-from vllm_guard.upstream.h1client import UpstreamConnectError
+from vllm_guard.upstream.h1client import EngineHungError, UpstreamConnectError
 
 log = logging.getLogger("vllm_guard.proxy.forward")
 
@@ -41,7 +41,8 @@ class Forwarder:
     ) -> Outcome:
         """Send the request to vLLM and its answer to the client; returns the outcome.
         Notes in `usage` what vLLM reported the request cost. `failover`: another engine
-        could take it, so a connection that could not be opened answers nothing and
+        could take it, so an engine that never answered — the connection could not be
+        opened, or the engine hung before it sent anything — answers nothing here and
         returns `NOT_TAKEN`."""
         usage.sent = True
         try:
@@ -49,7 +50,7 @@ class Forwarder:
         except UPSTREAM_ERRORS as exc:
             # Only a connection never made proves vLLM never saw the request.
             usage.sent = not isinstance(exc, UpstreamConnectError)
-            if failover and not usage.sent:
+            if failover and isinstance(exc, (UpstreamConnectError, EngineHungError)):
                 return Outcome.NOT_TAKEN
             return await self._upstream_failed(send, exc, guard_headers)
 

@@ -39,10 +39,13 @@ class Stack:
         vllm_args: tuple[str, ...] = (),
         keys: Mapping[str, str] | None = None,
         metrics_port: int | None = None,
+        engine_key: str | None = None,
     ) -> None:
         """`keys`: use these (variable -> key) instead of making up one per `key_vars`,
         e.g. for a second stack that must accept the first one's clients; `metrics_port`:
-        serve /metrics there (`--metrics-port`) rather than on the public port."""
+        serve /metrics there (`--metrics-port`) rather than on the public port;
+        `engine_key`: the key its vLLM requires (default: made up), e.g. the same for two
+        engines behind one `vllm-guard proxy`."""
         self.port = port or free_port()
         self.metrics_port = metrics_port
         self.vllm_port = free_port()
@@ -54,7 +57,7 @@ class Stack:
         self.proc: subprocess.Popen[bytes] | None = None
         # The engine answers only this key (serve takes it from its environment): tests,
         # benchmarks and the demo that talk to vLLM directly send `engine_headers`.
-        self.engine_key = secrets.token_urlsafe(24)
+        self.engine_key = engine_key or secrets.token_urlsafe(24)
         env = {**os.environ, **self.keys, ENGINE_KEY_ENV: self.engine_key}
         self.config_path = config_path
         self.vllm_args = vllm_args
@@ -93,6 +96,16 @@ class Stack:
             cmd += ["--", *self.vllm_args]
         with open(self.guard_log, "ab") as out:
             self.proc = subprocess.Popen(cmd, env=self._env, stdout=out, stderr=subprocess.STDOUT)
+
+    def vllm_pids(self) -> tuple[int, int]:
+        """vLLM's API server process and its engine core (the child named VLLM::EngineCore),
+        for fault tests that stop one of them."""
+        assert self.proc is not None
+        for api_server in _children(self.proc.pid):
+            for child in _children(api_server):
+                if b"EngineCore" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return api_server, child
+        raise RuntimeError("no vLLM engine-core process found")
 
     def wait_ready_blocking(self, timeout_s: float = 600) -> None:
         """`wait_ready` for synchronous callers (pytest fixtures)."""
@@ -228,3 +241,16 @@ def stop(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc: Linux)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out

@@ -11,7 +11,7 @@ import aiohttp
 from vllm_guard.config import GuardSettings
 from vllm_guard.engine.middleware import HEADER as ENGINE_KEY_HEADER
 from vllm_guard.upstream.answers import count, dig, parse_json
-from vllm_guard.upstream.h1client import Pool, Response, UpstreamError, split_base_url
+from vllm_guard.upstream.h1client import EngineHungError, Pool, Response, split_base_url
 
 # Request headers a client may pass on to vLLM. Everything else is dropped: hop-by-hop
 # headers, the client's credentials, and headers vLLM acts on that a client must not
@@ -130,7 +130,7 @@ class Upstream:
     def fail_in_flight(self, reason: str) -> None:
         """End every generation request in progress with an error (the engine is hung)."""
         if self._pool is not None:
-            self._pool.fail_all(UpstreamError(f"the engine is hung: {reason}"))
+            self._pool.fail_all(EngineHungError(f"the engine is hung: {reason}"))
 
     async def close(self) -> None:
         if self._pool is not None:

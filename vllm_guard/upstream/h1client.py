@@ -52,6 +52,10 @@ class UpstreamConnectError(UpstreamError):
     """No connection to vLLM could be opened: the request was never sent."""
 
 
+class EngineHungError(UpstreamError):
+    """The guard gave up on a hung engine and ended its exchanges (`Pool.fail_all`)."""
+
+
 class Response:
     """A response whose headers have arrived; its body follows through `read` or `chunks`.
     `release` (or `close`) must end it: the connection goes back to the pool only when the
