@@ -65,6 +65,11 @@ def _label(stack: Stack) -> str:
 async def test_requests_spread_over_both_engines(two_engines):
     url, first, second, _ = two_engines
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEYS["ETL_KEY"], max_retries=0)
+    async with client:
+        await _spread(url, first, second, client)
+
+
+async def _spread(url: str, first: Stack, second: Stack, client: openai.AsyncOpenAI) -> None:
     seen: dict[str, float] = {}
 
     async def one() -> int:
@@ -88,17 +93,24 @@ async def test_requests_spread_over_both_engines(two_engines):
 
 async def test_a_stopped_engine_leaves_the_rotation_loses_nothing_and_comes_back(two_engines):
     url, _, second, log = two_engines
-    api_server, _ = second.vllm_pids()
     client = openai.AsyncOpenAI(
         base_url=url + "/v1", api_key=KEYS["CHAT_UI_KEY"], max_retries=0, timeout=60
     )
+    async with client:
+        await _stop_and_continue(url, second, log, client)
+
+
+async def _stop_and_continue(url: str, second: Stack, log, client: openai.AsyncOpenAI) -> None:
+    api_server, _ = second.vllm_pids()
     results: list[int | str] = []
     stop_at = time.monotonic() + 14
 
     async def steady() -> None:  # non-streaming: nothing is answered before the end
         while time.monotonic() < stop_at:
             try:
-                r = await client.completions.create(model="tiny", prompt="x", max_tokens=8)
+                r = await client.completions.create(
+                    model="tiny", prompt="x", max_tokens=8, extra_body={"ignore_eos": True}
+                )
                 results.append(r.usage.completion_tokens)
             except openai.APIError as exc:
                 results.append(repr(exc))

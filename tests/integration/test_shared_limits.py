@@ -18,7 +18,11 @@ from vllm_guard.testing.stack import start_proxy, stop, wait_healthy
 pytestmark = pytest.mark.integration
 
 DASHBOARD = Path(__file__).parents[2] / "configs" / "grafana" / "vllm-guard.json"
-KEYS = {"SHARED_KEY": "it-shared-key-2c9e", "STRICT_KEY": "it-strict-key-f00d"}
+KEYS = {
+    "SHARED_KEY": "it-shared-key-2c9e",
+    "SPARE_KEY": "it-spare-key-51aa",
+    "STRICT_KEY": "it-strict-key-f00d",
+}
 RATE_PER_MIN = 6.0
 
 CONFIG = f"""
@@ -34,6 +38,10 @@ tenants:
   shared:
     class: batch
     api_keys: ["env:SHARED_KEY"]
+    limits: {{requests_per_minute: {RATE_PER_MIN}}}
+  spare:  # untouched until Redis is down
+    class: batch
+    api_keys: ["env:SPARE_KEY"]
     limits: {{requests_per_minute: {RATE_PER_MIN}}}
   strict:
     class: interactive
@@ -102,8 +110,9 @@ def test_redis_down_local_serves_a_share_reject_answers_503_and_it_recovers(repl
         assert isinstance(strict, openai.APIStatusError) and strict.status_code == 503
         assert strict.code == "quota_store_unavailable"
         assert int(strict.response.headers["retry-after"]) >= 1
-        # `local`: this replica's own bucket at 6/min ÷ 2 replicas = a burst of 3.
-        answers = [_ask(urls[1], "SHARED_KEY") for _ in range(5)]
+        # `local`: this replica's own bucket at 6/min ÷ 2 replicas = a burst of 3 (for a
+        # tenant whose shared bucket was full; one that used it starts from what was left).
+        answers = [_ask(urls[1], "SPARE_KEY") for _ in range(5)]
         served = [a for a in answers if not isinstance(a, openai.APIStatusError)]
         assert len(served) == 3
         assert all(a.status_code == 429 for a in answers if isinstance(a, openai.APIStatusError))
