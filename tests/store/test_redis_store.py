@@ -199,3 +199,17 @@ async def test_password_is_required_and_used(redis_url):
         authed = RedisQuotaStore(server.url, password="s3cret-pw")
         assert (await authed.reserve(keys, authed.new_id(), 1)).granted
         await authed.close()
+
+
+async def test_tls_with_a_private_ca():
+    with RedisServer(tls=True) as server:
+        assert server.url.startswith("rediss://")
+        trusting = RedisQuotaStore(server.url, ca_file=server.ca_file, timeout_s=1.0)
+        keys = trusting.keys_for("acme", LIMITS)
+        assert (await trusting.reserve(keys, trusting.new_id(), 1)).granted
+        await trusting.close()
+        # Without the CA the server's certificate does not verify: no quota store.
+        doubting = RedisQuotaStore(server.url, timeout_s=1.0)
+        with pytest.raises(StoreDown):
+            await doubting.reserve(keys, doubting.new_id(), 1)
+        await doubting.close()

@@ -21,7 +21,11 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, port: int | None = None, password: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, password: str | None = None, tls: bool = False
+    ) -> None:
+        """`tls`: serve TLS only (`rediss://`), with a certificate for 127.0.0.1 signed by
+        a CA made for the run (`ca_file`); needs the `openssl` command."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -32,10 +36,26 @@ class RedisServer:
         self.password = password
         self.dir = Path(tempfile.mkdtemp(prefix="vllm-guard-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.tls = tls
+        self.ca_file = self._make_certificates() if tls else None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def _make_certificates(self) -> str:
+        steps = (
+            "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 1 -subj /CN=ca",
+            "req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1",
+            "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial "
+            "-out server.crt -days 1 -extfile san",
+        )
+        (self.dir / "san").write_text("subjectAltName=IP:127.0.0.1\n")
+        for step in steps:
+            subprocess.run(
+                ["openssl", *step.split()], cwd=self.dir, check=True, capture_output=True
+            )
+        return str(self.dir / "ca.crt")
 
     def start(self) -> RedisServer:
         args = [
@@ -49,6 +69,15 @@ class RedisServer:
         ]  # fmt: skip
         if self.password is not None:
             args += ["--requirepass", self.password]
+        if self.tls:
+            args[2] = "0"  # no plain-text port
+            args += [
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.dir / "server.crt"),
+                "--tls-key-file", str(self.dir / "server.key"),
+                "--tls-ca-cert-file", str(self.dir / "ca.crt"),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -62,6 +91,9 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not start on port {self.port}:\n{log}")
 
     def _answers(self) -> bool:
+        if self.tls:  # it speaks TLS only: ready once its log says so
+            log = self.dir / "redis.log"
+            return log.exists() and "Ready to accept connections" in log.read_text()
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                 s.sendall(b"PING\r\n")
