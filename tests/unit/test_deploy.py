@@ -67,3 +67,27 @@ def test_the_engine_runs_what_the_guards_config_expects():
     assert json.loads(env["VLLM_GUARD_SCHEDULER_POLICY"]) == json.loads(
         plugin_policy(config).to_env()
     )
+
+
+COMPOSE = DEPLOY.parent / "compose"
+
+
+def test_the_compose_file_agrees_with_its_limits_and_the_guard():
+    compose = yaml.safe_load((COMPOSE / "compose.yaml").read_text())
+    services = compose["services"]
+    env = {n: "y" * 16 for n in ("GUARD_SALT", "REDIS_PASSWORD", "VLLM_GUARD_ENGINE_KEY")}
+    env |= {"CHAT_UI_KEY": "chat-key-123456", "ETL_KEY": "etl-key-654321"}
+    config = parse_config((COMPOSE / "limits.yaml").read_text(), "compose/limits.yaml", env)
+    guards = [s for s in services.values() if s.get("entrypoint") == ["vllm-guard"]]
+    engines = {n: s for n, s in services.items() if "vllm.entrypoints" in str(s.get("entrypoint"))}
+    assert len(guards) == config.guard.replicas == 2 and len(engines) == 2
+    for guard in guards:
+        args = _parser().parse_args(guard["command"])
+        assert [u.split("//")[1].split(":")[0] for u in args.upstream] == sorted(engines)
+        assert set(guard["environment"]) >= {"VLLM_GUARD_ENGINE_KEY", "REDIS_PASSWORD"}
+    assert config.guard.quota_store.startswith("redis://redis:")
+    for engine in engines.values():
+        flags = dict(a.removeprefix("--").split("=", 1) for a in engine["command"])
+        assert int(flags["max-num-seqs"]) == config.max_num_seqs
+        policy = engine["environment"]["VLLM_GUARD_SCHEDULER_POLICY"]
+        assert json.loads(policy) == json.loads(plugin_policy(config).to_env())
