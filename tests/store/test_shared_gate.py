@@ -219,3 +219,28 @@ async def test_requests_running_when_redis_went_away_hold_back_the_local_refill(
     await asyncio.sleep(1.1)
     assert isinstance(await g.reserve(1, max_wait_s=0), Reservation)
     redis_server.resume()
+
+
+async def test_a_local_request_still_running_when_redis_returns_is_charged_there_whole(
+    redis_server: RedisServer, stores
+):
+    g = gate(stores[0], Limits(tokens_per_minute=600), "local", replicas=1)
+    redis_server.pause()
+    running = await g.reserve(100, max_wait_s=0)
+    assert isinstance(running, Reservation) and running.quota is not g
+    redis_server.resume()
+    probing = asyncio.create_task(stores[0].run())
+    try:
+        while not stores[0].up:
+            await asyncio.sleep(0.05)
+        # Charged before Redis was marked up: the shared bucket knows about it at once.
+        level = (await stores[0].check(g.keys, 0)).levels[0]
+        assert level == pytest.approx(500, abs=5)
+        g.settle(running, 30)  # it used 30: the other 70 come back
+        while stores[0].pending:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        level = (await stores[0].check(g.keys, 0)).levels[0]
+        assert level == pytest.approx(570, abs=5)
+    finally:
+        probing.cancel()

@@ -121,9 +121,13 @@ elseif op == 'top_up' then
     worst = 'expired'  -- its lease ran out: the caller reserves anew
   end
 elseif op == 'charge' then
+  -- A bucket Redis lost starts at the caller's seed, its local level, which already counts
+  -- what it served meanwhile: charged once, not twice.
   local requests = tonumber(id)
   for _, d in ipairs(dims) do
-    d.level = d.level - (d.per_request and requests or tokens)
+    if not fresh then
+      d.level = math.min(d.cap, d.level - (d.per_request and requests or tokens))
+    end
   end
   granted = 1
 elseif op == 'settle' then

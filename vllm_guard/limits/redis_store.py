@@ -142,9 +142,10 @@ class RedisQuotaStore:
         self._pending: dict[str, tuple[TenantKeys, int, bool]] = {}  # settles Redis missed
         # What replicas served on their own buckets while Redis was down, per tenant:
         # charged to the shared buckets when it answers again.
-        self._debts: dict[tuple[str, ...], tuple[TenantKeys, int, int]] = {}
+        self._debts: dict[tuple[str, ...], tuple[TenantKeys, int, int, Sequence[float]]] = {}
+        self._before_up: list[Callable[[], None]] = []
         self._back = asyncio.Event()
-        self._settling: set[asyncio.Future[None]] = set()
+        self._settling: set[asyncio.Future[Any]] = set()
 
     @property
     def pending(self) -> int:
@@ -208,26 +209,35 @@ class RedisQuotaStore:
         if then is not None:
             task.add_done_callback(lambda _: then())
 
-    def charge_later(self, keys: TenantKeys, requests: int, tokens: int) -> None:
-        """Charge what a request served on this replica's own buckets (Redis down) used to
-        the shared buckets, once Redis answers: the outage does not leave the tenant a
-        fresh budget on top of what it used meanwhile."""
-        _, owed_requests, owed_tokens = self._debts.get(keys.keys, (keys, 0, 0))
-        self._debts[keys.keys] = (keys, owed_requests + requests, owed_tokens + tokens)
+    def charge_later(
+        self, keys: TenantKeys, requests: int, tokens: int, seed: Sequence[float] = ()
+    ) -> None:
+        """Charge the shared buckets `requests` and `tokens` (negative: give back) that a
+        request served on this replica's own buckets (Redis down) used, as soon as Redis
+        answers: the outage leaves the tenant no fresh budget on top of what it used
+        meanwhile. `seed`: the levels for buckets Redis lost (see `reserve`)."""
+        _, owed_requests, owed_tokens, first_seed = self._debts.get(keys.keys, (keys, 0, 0, seed))
+        self._debts[keys.keys] = (keys, owed_requests + requests, owed_tokens + tokens, first_seed)
         if self.up and len(self._settling) < 1000:
             task = asyncio.ensure_future(self._flush_debts())
             self._settling.add(task)
             task.add_done_callback(self._settling.discard)
 
-    async def _flush_debts(self) -> None:
-        while self._debts and self.up:
-            name, (keys, requests, tokens) = next(iter(self._debts.items()))
+    async def _flush_debts(self, force: bool = False) -> bool:
+        while self._debts and (self.up or force):
+            name, (keys, requests, tokens, seed) = next(iter(self._debts.items()))
             del self._debts[name]
             try:
-                await self._call(keys, "charge", str(requests), tokens)
+                await self._call(keys, "charge", str(requests), tokens, seed, force=force)
             except StoreDown:
-                self.charge_later(keys, requests, tokens)  # kept for the next return
-                return
+                self.charge_later(keys, requests, tokens, seed)  # kept for the next return
+                return False
+        return True
+
+    def before_up(self, hook: Callable[[], None]) -> None:
+        """Run `hook` when Redis answers again, before anything else is sent to it (the
+        tenants' gates turn what they served locally into charges)."""
+        self._before_up.append(hook)
 
     def _keep(self, reservation_id: str, keys: TenantKeys, used: int, sent: bool) -> None:
         if len(self._pending) >= MAX_PENDING_SETTLES:
@@ -235,9 +245,17 @@ class RedisQuotaStore:
         self._pending[reservation_id] = (keys, used, sent)
 
     async def _call(
-        self, keys: TenantKeys, op: str, rid: str, tokens: int, seed: Sequence[float] = ()
+        self,
+        keys: TenantKeys,
+        op: str,
+        rid: str,
+        tokens: int,
+        seed: Sequence[float] = (),
+        force: bool = False,
     ) -> Reply:
-        if not self.up:
+        """`force`: call even while the store counts as down (the catch-up before it is
+        marked up again)."""
+        if not (self.up or force):
             raise StoreDown("Redis is down")
         args: list[str | bytes | float] = [op, rid, tokens, self.lease_s, *keys.spec]
         args += map(repr, seed)
@@ -279,7 +297,7 @@ class RedisQuotaStore:
             if not self.up:
                 await asyncio.sleep(PROBE_INTERVAL_S)
                 if await self._probe():
-                    await self._flush_pending()
+                    await self._renew()
                 continue
             if now >= next_renew:
                 next_renew = now + renew_every
@@ -294,6 +312,12 @@ class RedisQuotaStore:
                 await self.client.ping()
         except (RedisError, OSError, TimeoutError):
             return False
+        # Catch up before requests reach Redis again: what was served locally, and the
+        # settles and refunds it missed.
+        for hook in self._before_up:
+            hook()
+        if not await self._flush_pending():
+            return False
         down_for = asyncio.get_running_loop().time() - (self.down_since or 0.0)
         self.up = True
         self.down_since = None
@@ -303,16 +327,17 @@ class RedisQuotaStore:
             self._on_change(True)
         return True
 
-    async def _flush_pending(self) -> None:
-        while self._pending and self.up:
+    async def _flush_pending(self) -> bool:
+        """Send the settles and charges Redis missed (while it counts as down); False if it
+        fails again."""
+        while self._pending:
             rid, (keys, used, sent) = next(iter(self._pending.items()))
             try:
-                await self._call(keys, "settle", ("" if sent else "!") + rid, used)
+                await self._call(keys, "settle", ("" if sent else "!") + rid, used, force=True)
             except StoreDown:
-                return
+                return False
             self._pending.pop(rid, None)
-        await self._flush_debts()
-        await self._renew()
+        return await self._flush_debts(force=True)
 
     async def _renew(self) -> None:
         by_tenant: dict[tuple[str, ...], list[str]] = {}

@@ -80,6 +80,10 @@ class SharedQuotaGate:
         self._on_local = False  # charging local buckets since Redis went away
         self._open: dict[str, int] = {}  # this replica's open Redis reservations: id -> tokens
         self._held: dict[str, int] = {}  # of those, the ones the local buckets hold back
+        self._local_open: set[Reservation] = set()  # served on local buckets, running
+        self._precharged: dict[Reservation, int] = {}  # of those, charged to Redis: tokens
+        self._seed_next: tuple[float, ...] = ()
+        store.before_up(self._leave_local)
         self.on_delay = on_delay
         self.on_fallback = on_fallback
         self._levels: tuple[float, ...] | None = None  # the buckets as Redis last said
@@ -150,12 +154,9 @@ class SharedQuotaGate:
 
     async def _try(self, tokens: int) -> Reservation | Denied:
         rid = self.store.new_id()
-        seed = self._seed() if self._on_local else ()
-        reply = await self.store.reserve(self.keys, rid, tokens, seed)
-        if self._on_local:
-            self._on_local = False
-            for held in list(self._held):
-                self._release_hold(held)
+        self._leave_local()
+        reply = await self.store.reserve(self.keys, rid, tokens, self._seed_next)
+        self._seed_next = ()
         self._levels = reply.levels
         if reply.granted:
             # Counted locally too: if Redis goes away, this replica's own concurrency share
@@ -179,7 +180,26 @@ class SharedQuotaGate:
         result = await self.local.reserve(tokens, max_wait_s, max_waiting)
         if isinstance(result, Denied) and result.retry_after_s == math.inf:
             return STORE_DOWN  # too large for this replica's share only: not the client's fault
+        if isinstance(result, Reservation):
+            self._local_open.add(result)
         return result
+
+    def _leave_local(self) -> None:
+        """Redis answers again: what this replica's local buckets admitted and still runs
+        is charged to the shared buckets now, whole (its settle gives back what it did not
+        use), so the shared buckets see it as they see their own requests; the local hold
+        on requests admitted through Redis ends. Called before anything else reaches
+        Redis (`RedisQuotaStore.before_up`), and from `_try`."""
+        if not self._on_local:
+            return
+        self._on_local = False
+        self._seed_next = self._seed()
+        for r in self._local_open:
+            self._precharged[r] = r.tokens
+            self.store.charge_later(self.keys, 1, r.tokens, self._seed_next)
+        self._local_open.clear()
+        for held in list(self._held):
+            self._release_hold(held)
 
     def _start_local(self) -> None:
         """The local buckets take over where the shared ones were last seen (this replica's
@@ -302,8 +322,13 @@ class SharedQuotaGate:
             return
         if reservation.quota is not self:  # served on this replica's own buckets
             self.local.settle(reservation, used_tokens, sent)
-            if sent:
-                self.store.charge_later(self.keys, 1, used_tokens)
+            self._local_open.discard(reservation)
+            used = used_tokens if sent else 0
+            precharged = self._precharged.pop(reservation, None)
+            if precharged is not None:  # charged whole when Redis came back: correct it
+                self.store.charge_later(self.keys, 0 if sent else -1, used - precharged)
+            elif sent:
+                self.store.charge_later(self.keys, 1, used)
             return
         reservation.settled = True
         self._local_quota.in_flight -= 1
