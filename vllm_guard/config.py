@@ -48,6 +48,15 @@ class EngineConfig(BaseModel):
     an engine that is down, hung or refusing out of rotation, and sends a request an
     engine never took to another."""
 
+    affinity: Literal["session", "none"] = "session"
+    """Several upstreams: `session` sends a request with an `x-session-id` header to the
+    engine that served that session's (and tenant's) previous request, where its
+    conversation's prefix is cached, while that engine has room (`affinity_slack`); `none`
+    places every request by room alone."""
+    affinity_slack: Annotated[int, Field(ge=0, le=65536)] = 2
+    """How many fewer free slots than the roomiest engine a session's engine may have and
+    still get the session's next request."""
+
     @model_validator(mode="after")
     def _upstream_urls(self) -> EngineConfig:
         from vllm_guard.upstream.h1client import split_base_url

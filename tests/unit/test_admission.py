@@ -458,3 +458,15 @@ def test_kv_headroom_is_per_engine(config):
     second = adm.enter(batch, 0.0, kv=300)[1]
     assert second.engine == 1  # engine 0 still has too little room (900 - 800 < 300)
     assert adm.kv_headroom(batch) == pytest.approx(300)  # engine 1: 900 - 600
+
+
+def test_a_ticket_goes_to_the_engine_it_prefers_while_that_one_has_room(config):
+    _, batch = config.classes
+    adm = Admission(config.max_num_seqs, config.classes, engines=2, affinity_slack=1)
+    first = adm.enter(batch, 0.0, affinity=1)[1]
+    assert first.engine == 1  # 3 free on both: its own engine
+    second = adm.enter(batch, 0.0, affinity=1)[1]
+    assert second.engine == 1  # 2 free there, 3 on engine 0: within the slack of 1
+    third = adm.enter(batch, 0.0, affinity=1)[1]
+    assert third.engine == 0  # 1 free there, 3 on engine 0: too crowded
+    assert adm.enter(batch, 0.0)[1].engine == 0  # no preference: the roomiest

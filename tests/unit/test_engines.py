@@ -91,3 +91,22 @@ async def test_with_every_engine_refusing_the_client_gets_503_and_nothing_is_hel
     assert app.admission.in_flight == 0
     r = await call(app, "POST", "/v1/completions", ETL, BODY)  # both out of rotation now
     assert r.status == 503 and r.json()["error"]["code"] == "engine_unavailable"
+
+
+async def test_a_sessions_requests_stay_on_its_engine_while_it_has_room(fakes, make_app):
+    app = make_app([f.url for f in fakes])
+    fakes[0].mode = "hang"
+    held = asyncio.create_task(call(app, "POST", "/v1/completions", ETL, BODY))
+    await until(lambda: len(fakes[0].requests) == 1)  # engine 0: one slot taken
+    session = {**ETL, "x-session-id": "conversation-1"}
+    assert (await call(app, "POST", "/v1/completions", session, BODY)).status == 200
+    assert len(fakes[1].requests) == 1  # the roomier engine
+    fakes[0].release.set()
+    assert (await held).status == 200
+    # Both engines idle now; without affinity the next requests would go to engine 0.
+    for _ in range(2):
+        assert (await call(app, "POST", "/v1/completions", session, BODY)).status == 200
+    assert len(fakes[1].requests) == 3 and len(fakes[0].requests) == 1
+    other = {**ETL, "x-session-id": "conversation-2"}
+    assert (await call(app, "POST", "/v1/completions", other, BODY)).status == 200
+    assert len(fakes[0].requests) == 2  # a new session: the roomiest (first on a tie)

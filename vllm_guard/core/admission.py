@@ -72,8 +72,8 @@ class Ticket:
     `seqs` the engine slots it holds (the sequences vLLM runs for it)."""
 
     __slots__ = (
-        "cost", "deadline", "engine", "enqueued_at", "finish", "kv", "priority_class", "seqs",
-        "start", "state", "tenant", "waker", "weight",
+        "affinity", "cost", "deadline", "engine", "enqueued_at", "finish", "kv",
+        "priority_class", "seqs", "start", "state", "tenant", "waker", "weight",
     )  # fmt: skip
 
     def __init__(
@@ -100,6 +100,8 @@ class Ticket:
         self.start = self.finish = 0.0
         self.engine = -1
         """Once admitted: the index of the engine it holds slots on."""
+        self.affinity = -1
+        """The engine it would rather run on (its conversation's cached prefix is there)."""
 
 
 class Decision(enum.Enum):
@@ -219,9 +221,13 @@ class Admission:
         classes: Iterable[PriorityClass],
         kv_capacity: int | None = None,
         engines: int = 1,
+        affinity_slack: int = 2,
     ) -> None:
-        """`engines`: how many engines (each with `max_num_seqs` slots) the guard fronts."""
+        """`engines`: how many engines (each with `max_num_seqs` slots) the guard fronts;
+        `affinity_slack`: a ticket goes to the engine it prefers while that engine has at
+        most this many fewer free slots than the roomiest."""
         self.max_num_seqs = max_num_seqs
+        self.affinity_slack = affinity_slack
         self._classes = sorted((_ClassState(c) for c in classes), key=lambda s: s.spec.rank)
         self._by_rank = {s.spec.rank: s for s in self._classes}
         self.engines = [EngineSlots(i, len(self._classes), kv_capacity) for i in range(engines)]
@@ -242,13 +248,16 @@ class Admission:
         weight: float = 1.0,
         kv: int = 0,
         seqs: int = 1,
+        affinity: int = -1,
     ) -> tuple[Decision, Ticket]:
         """Admit at once, queue, or refuse. A QUEUED ticket is later returned by
         `release` (admitted), `dispatch` (after an engine update) or `expire` (timed
-        out), unless the caller `cancel`s it. `seqs` must be at most `max_seqs(class)`."""
+        out), unless the caller `cancel`s it. `seqs` must be at most `max_seqs(class)`;
+        `affinity`: the engine it would rather run on (-1: none)."""
         assert 1 <= seqs <= self.max_seqs(priority_class), seqs
         state = self._by_rank[priority_class.rank]
         ticket = Ticket(priority_class, now, None, tenant, cost, weight, kv, seqs)
+        ticket.affinity = affinity
         if self._nobody_waiting_up_to(state.spec.rank) and (engine := self._place(state, ticket)):
             self._take(state, ticket, engine)
             return Decision.ADMITTED, ticket
@@ -383,30 +392,48 @@ class Admission:
 
     def _place(self, state: _ClassState, ticket: Ticket) -> EngineSlots | None:
         """The engine to admit `ticket` on now: of those that are up and where it fits, the
-        one with the most free slots for its class, then the most KV headroom; None if it
-        fits nowhere."""
-        spec = state.spec
-        rank = spec.rank
+        one with the most free slots for its class, then the most KV headroom — or the one
+        the ticket prefers (`affinity`) while it has at most `affinity_slack` fewer free
+        slots; None if it fits nowhere."""
         best: EngineSlots | None = None
         best_room = (False, 0, 0.0)
+        preferred: tuple[bool, int, float] | None = None
         for engine in self.engines:
-            if not engine.up or (engine.kv.hold_batch and rank > 0):
+            room = self._room(engine, state.spec, ticket)
+            if room is None:
                 continue
-            # Where the engine makes room for this class, only its own sequences count.
-            in_flight = engine.class_in_flight[rank] if spec.engine_makes_room else engine.in_flight
-            free = spec.slot_limit - in_flight
-            if free < ticket.seqs:
-                continue
-            kv_room = self._headroom(engine, spec) if spec.kv_admission else float("inf")
-            fits = ticket.kv <= kv_room
-            if in_flight and not fits:
-                continue
-            # An oversized ticket goes to an engine with nothing of the guard's in flight
-            # only where it fits nowhere: it could never be admitted otherwise.
-            room = (fits, free, kv_room)
+            if engine.index == ticket.affinity:
+                preferred = room
             if best is None or room > best_room:
                 best, best_room = engine, room
+        if (
+            preferred is not None
+            and preferred[0] >= best_room[0]
+            and preferred[1] >= best_room[1] - self.affinity_slack
+        ):
+            return self.engines[ticket.affinity]
         return best
+
+    def _room(
+        self, engine: EngineSlots, spec: PriorityClass, ticket: Ticket
+    ) -> tuple[bool, int, float] | None:
+        """(fits its KV, free slots, KV headroom) for `ticket` on `engine`; None if it
+        cannot go there now."""
+        rank = spec.rank
+        if not engine.up or (engine.kv.hold_batch and rank > 0):
+            return None
+        # Where the engine makes room for this class, only its own sequences count.
+        in_flight = engine.class_in_flight[rank] if spec.engine_makes_room else engine.in_flight
+        free = spec.slot_limit - in_flight
+        if free < ticket.seqs:
+            return None
+        kv_room = self._headroom(engine, spec) if spec.kv_admission else float("inf")
+        fits = ticket.kv <= kv_room
+        if in_flight and not fits:
+            return None
+        # An oversized ticket goes to an engine with nothing of the guard's in flight only
+        # where it fits nowhere: it could never be admitted otherwise.
+        return (fits, free, kv_room)
 
     def _nobody_waiting_up_to(self, rank: int) -> bool:
         return all(s.queued == 0 for s in self._classes[: rank + 1])

@@ -55,11 +55,12 @@ class Gate:
         weight: float = 1.0,
         kv: int = 0,
         seqs: int = 1,
+        affinity: int = -1,
     ) -> Ticket:
         if self.draining:
             raise Refused(RefusalReason.SHUTTING_DOWN, priority_class, self._drain_retry_after_s)
         decision, ticket = self.admission.enter(
-            priority_class, self._clock.now(), tenant, cost, weight, kv, seqs
+            priority_class, self._clock.now(), tenant, cost, weight, kv, seqs, affinity
         )
         if decision is Decision.ADMITTED:
             return ticket

@@ -78,6 +78,7 @@ class GuardApp:
             config.classes,
             eng.kv_capacity_tokens if eng.kv_admission else None,
             engines=len(self.engines),
+            affinity_slack=eng.affinity_slack,
         )
         self.gate = Gate(self.admission, self.clock, config.guard.unavailable_retry_after_s)
         several = len(self.engines) > 1

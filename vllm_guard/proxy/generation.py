@@ -14,6 +14,7 @@ vLLM aborts the request and frees its KV cache.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,6 +59,10 @@ _QUEUE_HEADER = b"x-vllm-guard-queue-ms"
 _QUOTA_HEADER = b"x-vllm-guard-quota-ms"  # estimate + waiting for the tenant's budget
 
 
+MAX_SESSIONS = 100_000
+"""Sessions whose engine the guard remembers (several engines, `engine.affinity: session`)."""
+
+
 class Generation:
     """POST /v1/chat/completions and /v1/completions through the guard."""
 
@@ -93,6 +98,7 @@ class Generation:
         self.charge = QuotaCharge(config.tenants, self.tokenize, metrics, clock)
         self.forward = Forwarder(clock, self._unavailable_headers)
         self.waiting_bytes = 0  # bodies of requests not yet admitted (quota or queue)
+        self._sessions: OrderedDict[tuple[str, bytes], int] = OrderedDict()
         self._refusals = refusal_responses(config.classes)
 
     async def handle(self, scope: Scope, receive: Any, send: Any, path: str) -> None:
@@ -248,13 +254,17 @@ class Generation:
         started = self.clock.now()
         several = len(self.upstreams) > 1
         tries_left = len(self.upstreams) - 1  # another engine for one that never took it
+        session = self._session_of(req) if several else None
         while True:
+            affinity = self._sessions.get(session, -1) if session is not None else -1
             try:
                 ticket = await self.gate.acquire(
-                    priority_class, tenant.name, cost, tenant.weight, kv, parsed.sequences
+                    priority_class, tenant.name, cost, tenant.weight, kv, parsed.sequences, affinity
                 )
             except Refused as refused:
                 return await self._refuse(send, refused)
+            if session is not None:
+                self._remember(session, ticket.engine)
             self._stop_waiting(req.usage)
             try:
                 waited_s = self.clock.now() - started
@@ -284,6 +294,24 @@ class Generation:
             finally:
                 self.gate.release(ticket)
             return None
+
+    def _session_of(self, req: Request) -> tuple[str, bytes] | None:
+        """The conversation a request belongs to (`x-session-id`, per tenant), where
+        `engine.affinity` is `session`."""
+        if self.config.engine.affinity != "session":
+            return None
+        for name, value in req.forwarded:
+            if name == b"x-session-id":
+                return req.tenant.name, value
+        return None
+
+    def _remember(self, session: tuple[str, bytes], engine: int) -> None:
+        """The engine a session last ran on (the most recent `MAX_SESSIONS` sessions)."""
+        sessions = self._sessions
+        sessions[session] = engine
+        sessions.move_to_end(session)
+        if len(sessions) > MAX_SESSIONS:
+            sessions.popitem(last=False)
 
     def _out_of_rotation(self, engine: int) -> None:
         """An engine refused a connection (or dropped one before answering anything): out
