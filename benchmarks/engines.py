@@ -1,6 +1,6 @@
 """Two engines behind one guard, and one of them stopped mid-run.
 
-    python benchmarks/engines.py [--duration 60] [--batch 12] [--out results/engines]
+    python benchmarks/engines.py [--duration 60] [--batch 10] [--out results/engines]
 
 Starts two tiny vLLMs (`vllm-guard serve --model tiny`, 8 slots each, one engine key) and
 `vllm-guard proxy --upstream A --upstream B` in front of both (default `hang_detect_s`, 5 s:
@@ -116,14 +116,32 @@ async def _probes(
 
 
 async def _watch(
-    url: str, label: str, stop: asyncio.Event, seen: list[tuple[float, float]]
+    url: str, labels: list[str], stop: asyncio.Event, seen: list[tuple[float, float, list[float]]]
 ) -> None:
+    """Every 100 ms: (time, B's vllm_guard_engine_up, each engine's slots held)."""
     async with aiohttp.ClientSession() as s:
         while not stop.is_set():
             async with s.get(url + "/metrics") as r:
                 m = parse_prometheus(await r.text())
-            seen.append((time.monotonic(), total(m, "vllm_guard_engine_up", f"engine={label}")))
+            held = [total(m, "vllm_guard_engine_in_flight", f"engine={x}") for x in labels]
+            up = total(m, "vllm_guard_engine_up", f"engine={labels[1]}")
+            seen.append((time.monotonic(), up, held))
             await asyncio.sleep(0.1)
+
+
+async def _warm_up(stacks: list[Stack]) -> None:
+    """A first wave of requests on each engine directly: vLLM's first batches are slow."""
+    body = {"model": "tiny", "prompt": "warm up", "max_tokens": 16}
+    async with aiohttp.ClientSession() as s:
+
+        async def one(stack: Stack) -> None:
+            async with s.post(
+                stack.vllm_url + "/v1/completions", json=body, headers=stack.engine_headers
+            ) as r:
+                await r.read()
+
+        for _ in range(3):
+            await asyncio.gather(*(one(st) for st in stacks for _ in range(SLOTS)))
 
 
 def _served(stack: Stack) -> float:
@@ -148,6 +166,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             s.start()
         for s in (a, b):
             await s.wait_ready()
+        await _warm_up([a, b])
         port, log = free_port(), work / "proxy.log"
         env = {**KEYS, "VLLM_GUARD_ENGINE_KEY": a.engine_key}
         proc = start_proxy(
@@ -156,13 +175,13 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc, 60, log)
         print("two engines and the proxy ready", flush=True)
-        label_b = b.vllm_url.removeprefix("http://")
+        labels = [s.vllm_url.removeprefix("http://") for s in (a, b)]
         api_server, _ = b.vllm_pids()
         start = time.monotonic()
         stop_at = start + args.duration
         batch: list[tuple[float, str]] = []
         probes: list[tuple[float, Any]] = []
-        seen: list[tuple[float, float]] = []
+        seen: list[tuple[float, float, list[float]]] = []
         marks: dict[str, float] = {}
         watching = asyncio.Event()
         served_before: dict[str, float] = {}
@@ -179,7 +198,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             marks["continued"] = time.monotonic()
 
         async with new_session() as session:
-            watcher = asyncio.create_task(_watch(url, label_b, watching, seen))
+            watcher = asyncio.create_task(_watch(url, labels, watching, seen))
             await asyncio.gather(
                 fault(),
                 _probes(session, url, stop_at, probes),
@@ -196,8 +215,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         for s in (a, b):
             s.stop()
 
-    out_at = next((t for t, up in seen if t > marks["stopped"] and up == 0), None)
-    back_at = next((t for t, up in seen if t > marks["continued"] and up == 1), None)
+    out_at = next((t for t, up, _ in seen if t > marks["stopped"] and up == 0), None)
+    back_at = next((t for t, up, _ in seen if t > marks["continued"] and up == 1), None)
+    before = [held for t, _, held in seen if t < marks["stopped"]]
+    mean_held = [statistics.fmean(h[i] for h in before) for i in range(2)] if before else []
     phases = (
         ("before", start, marks["stopped"]),
         ("stopped", marks["stopped"], marks["continued"]),
@@ -221,6 +242,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(),
         "args": vars(args) | {"out": str(args.out)},
         "served_before_stop": served_before,
+        "mean_slots_held_before_stop": mean_held,
         "stopped_at_s": marks["stopped"] - start,
         "continued_at_s": marks["continued"] - start,
         "out_of_rotation_after_s": None if out_at is None else out_at - marks["stopped"],
@@ -242,7 +264,10 @@ def _markdown(r: dict[str, Any]) -> str:
         f"one after another) for {r['args']['duration']:.0f} s. Engine B's API server "
         f"SIGSTOPped at {r['stopped_at_s']:.0f} s, SIGCONTed at {r['continued_at_s']:.0f} s.",
         "",
-        f"- Spread before the stop: engine A served {sb['a']:.0f} requests, B {sb['b']:.0f}.",
+        f"- Spread before the stop: engine A served {sb['a']:.0f} requests, B {sb['b']:.0f} "
+        "(vLLM's `request_success_total`, warm-up included); slots the guard held on each, "
+        "mean of 100 ms samples: A "
+        f"{r['mean_slots_held_before_stop'][0]:.1f}, B {r['mean_slots_held_before_stop'][1]:.1f}.",
         f"- B out of rotation **{r['out_of_rotation_after_s']:.1f} s** after the stop "
         f"(`hang_detect_s` 5); back **{r['back_after_s']:.1f} s** after the continue.",
         f"- Requests B held without answering, sent to A instead: {r['failovers']:.0f}.",
@@ -264,7 +289,7 @@ def _markdown(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--duration", type=float, default=60, help="s of load (default 60)")
-    p.add_argument("--batch", type=int, default=12, help="batch clients (default 12)")
+    p.add_argument("--batch", type=int, default=10, help="batch clients (default 10)")
     p.add_argument("--out", type=Path, default=Path("results/engines"))
     args = p.parse_args(argv)
     result = asyncio.run(_run(args))

@@ -266,6 +266,7 @@ async def _cost(stack: Stack, work: Path, redis: RedisServer, args: argparse.Nam
 
     async def block(replicas: Replicas) -> dict[str, float]:
         latencies: list[float] = []
+        quota_ms: list[float] = []  # the guard's own x-vllm-guard-quota-ms: the charge
         cpu0 = replicas.cpu_s()
         async with aiohttp.ClientSession() as s:
 
@@ -277,6 +278,7 @@ async def _cost(stack: Stack, work: Path, redis: RedisServer, args: argparse.Nam
                     ) as resp:
                         await resp.read()
                         assert resp.status == 200, resp.status
+                        quota_ms.append(float(resp.headers["x-vllm-guard-quota-ms"]))
                     latencies.append(time.perf_counter() - t0)
 
             await asyncio.gather(*(one_client() for _ in range(4)))
@@ -285,6 +287,7 @@ async def _cost(stack: Stack, work: Path, redis: RedisServer, args: argparse.Nam
             "p50_ms": latencies[len(latencies) // 2] * 1000,
             "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
             "cpu_ms_per_request": (replicas.cpu_s() - cpu0) / len(latencies) * 1000,
+            "quota_ms_p50": statistics.median(quota_ms),
         }
 
     try:
@@ -298,7 +301,7 @@ async def _cost(stack: Stack, work: Path, redis: RedisServer, args: argparse.Nam
         memory.stop()
         shared.stop()
     out: dict[str, Any] = {"pairs": pairs}
-    for q in ("p50_ms", "p99_ms", "cpu_ms_per_request"):
+    for q in ("p50_ms", "p99_ms", "cpu_ms_per_request", "quota_ms_p50"):
         added = [p["redis"][q] - p["memory"][q] for p in pairs]
         out[f"added_{q}"] = statistics.median(added)
         out[f"added_{q}_range"] = [min(added), max(added)]
@@ -435,7 +438,9 @@ def _markdown(r: dict[str, Any]) -> str:
         "[min – max] over pairs, Redis minus memory): "
         f"p50 {rng('added_p50_ms')} ms (memory p50 {cost['memory_p50_ms']:.2f} ms), "
         f"p99 {rng('added_p99_ms')} ms, guard CPU {rng('added_cpu_ms_per_request')} ms per "
-        f"request (memory {cost['memory_cpu_ms_per_request']:.2f} ms).",
+        f"request (memory {cost['memory_cpu_ms_per_request']:.2f} ms); the charge itself "
+        f"(the guard's `x-vllm-guard-quota-ms`: reserve, count the prompt, top up) p50 "
+        f"{rng('added_quota_ms_p50')} ms (memory {cost['memory_quota_ms_p50']:.2f} ms).",
         "",
         f"## Redis stopped at {out['stopped_at_s']:.0f} s, started again (empty) at "
         f"{out['started_at_s']:.0f} s, of {out['duration_s']:.0f} s; {REPLICAS} replicas",

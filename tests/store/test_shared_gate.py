@@ -224,23 +224,23 @@ async def test_requests_running_when_redis_went_away_hold_back_the_local_refill(
 async def test_a_local_request_still_running_when_redis_returns_is_charged_there_whole(
     redis_server: RedisServer, stores
 ):
-    g = gate(stores[0], Limits(tokens_per_minute=600), "local", replicas=1)
+    g = gate(stores[0], Limits(tokens_per_minute=600, max_concurrent=2), "local", replicas=1)
     redis_server.pause()
-    running = await g.reserve(100, max_wait_s=0)
-    assert isinstance(running, Reservation) and running.quota is not g
+    running = [await g.reserve(100, max_wait_s=0) for _ in range(2)]  # two late answers
+    assert all(isinstance(r, Reservation) and r.quota is not g for r in running)
+    assert not stores[0].up
     redis_server.resume()
     probing = asyncio.create_task(stores[0].run())
     try:
         while not stores[0].up:
             await asyncio.sleep(0.05)
-        # Charged before Redis was marked up: the shared bucket knows about it at once.
-        level = (await stores[0].check(g.keys, 0)).levels[0]
-        assert level == pytest.approx(500, abs=5)
-        g.settle(running, 30)  # it used 30: the other 70 come back
-        while stores[0].pending:
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.1)
-        level = (await stores[0].check(g.keys, 0)).levels[0]
-        assert level == pytest.approx(570, abs=5)
+        # Taken into Redis before it counted as up: reserved there, with leases.
+        reply = await stores[0].check(g.keys, 0)
+        assert reply.levels[0] == pytest.approx(400, abs=5)
+        assert reply.in_flight == 2  # so max_concurrent holds across the switch
+        g.settle(running[0], 30)  # it used 30: the other 70 come back
+        await asyncio.sleep(0.2)
+        reply = await stores[0].check(g.keys, 0)
+        assert reply.levels[0] == pytest.approx(470, abs=5) and reply.in_flight == 1
     finally:
         probing.cancel()

@@ -9,8 +9,7 @@
 --       (dimension, capacity, rate per s, "r" for the requests dimension or "t"), then
 --       optionally n levels for buckets Redis does not have (else they start full)
 -- op: check | reserve | top_up | settle (tokens = used; id "!" + id: never sent) | renew
---     | charge (id = the requests, tokens = the tokens a replica served on its own buckets
---       while Redis was down: taken now, into debt if need be)
+--     | catchup (below)
 -- Returns {granted 0/1, refusing dimension or "", retry_after_s, in_flight, level...};
 -- numbers as strings (Lua numbers would be truncated to integers on the way out).
 
@@ -120,13 +119,25 @@ elseif op == 'top_up' then
   else
     worst = 'expired'  -- its lease ran out: the caller reserves anew
   end
-elseif op == 'charge' then
-  -- A bucket Redis lost starts at the caller's seed, its local level, which already counts
-  -- what it served meanwhile: charged once, not twice.
+elseif op == 'catchup' then
+  -- A replica that ran on its own buckets while Redis was down: what its finished requests
+  -- used (id = requests, tokens), then its running ones as reservations with leases
+  -- (ARGV after the n seeds: id, tokens pairs). A bucket Redis lost starts at the seed,
+  -- the replica's local level, which already counts all of it: nothing taken twice.
   local requests = tonumber(id)
   for _, d in ipairs(dims) do
-    if not fresh then
-      d.level = math.min(d.cap, d.level - (d.per_request and requests or tokens))
+    if not fresh then d.level = d.level - (d.per_request and requests or tokens) end
+  end
+  for k = 7 + n * 5, #ARGV, 2 do
+    local rid, held = ARGV[k], tonumber(ARGV[k + 1])
+    if redis.call('HEXISTS', KEYS[2], rid) == 0 then
+      for _, d in ipairs(dims) do
+        local cost = cost_of(d, held)
+        if not fresh then d.level = d.level - cost end
+        d.reserved = d.reserved + cost
+      end
+      redis.call('HSET', KEYS[2], rid, num(held))
+      redis.call('ZADD', KEYS[3], now + lease_s, rid)
     end
   end
   granted = 1

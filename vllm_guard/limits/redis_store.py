@@ -140,16 +140,19 @@ class RedisQuotaStore:
         self._replica = secrets.token_hex(6)
         self._open: dict[str, TenantKeys] = {}  # this replica's open reservations: id -> keys
         self._pending: dict[str, tuple[TenantKeys, int, bool]] = {}  # settles Redis missed
-        # What replicas served on their own buckets while Redis was down, per tenant:
-        # charged to the shared buckets when it answers again.
-        self._debts: dict[tuple[str, ...], tuple[TenantKeys, int, int, Sequence[float]]] = {}
+        # What tenants' local buckets did while Redis was down (`catch_up_later`).
+        self._catchups: list[
+            tuple[TenantKeys, Sequence[float], int, int, Sequence[tuple[str, int]]]
+        ] = []
+        self._timeouts = 0  # calls in a row that missed their deadline
+        self._flushing = False
         self._before_up: list[Callable[[], None]] = []
         self._back = asyncio.Event()
         self._settling: set[asyncio.Future[Any]] = set()
 
     @property
     def pending(self) -> int:
-        return len(self._pending) + len(self._debts)
+        return len(self._pending) + len(self._catchups)
 
     def keys_for(self, tenant: str, limits: Limits) -> TenantKeys:
         return TenantKeys(self.prefix, tenant, limits)
@@ -173,6 +176,8 @@ class RedisQuotaStore:
             reply = await self._call(keys, "reserve", reservation_id, tokens, seed)
         except StoreDown:
             self._pending[reservation_id] = (keys, 0, False)
+            if self.up:  # one slow answer: refund it once Redis answers again
+                self._flush_soon()
             raise
         if reply.granted:
             self._open[reservation_id] = keys
@@ -192,6 +197,8 @@ class RedisQuotaStore:
             await self._call(keys, "settle", ("" if sent else "!") + reservation_id, used)
         except StoreDown:
             self._keep(reservation_id, keys, used, sent)
+            if self.up:
+                self._flush_soon()
 
     def settle_soon(
         self,
@@ -209,35 +216,59 @@ class RedisQuotaStore:
         if then is not None:
             task.add_done_callback(lambda _: then())
 
-    def charge_later(
-        self, keys: TenantKeys, requests: int, tokens: int, seed: Sequence[float] = ()
+    def catch_up_later(
+        self,
+        keys: TenantKeys,
+        seed: Sequence[float],
+        requests: int,
+        tokens: int,
+        running: Sequence[tuple[str, int]],
     ) -> None:
-        """Charge the shared buckets `requests` and `tokens` (negative: give back) that a
-        request served on this replica's own buckets (Redis down) used, as soon as Redis
-        answers: the outage leaves the tenant no fresh budget on top of what it used
-        meanwhile. `seed`: the levels for buckets Redis lost (see `reserve`)."""
-        _, owed_requests, owed_tokens, first_seed = self._debts.get(keys.keys, (keys, 0, 0, seed))
-        self._debts[keys.keys] = (keys, owed_requests + requests, owed_tokens + tokens, first_seed)
-        if self.up and len(self._settling) < 1000:
-            task = asyncio.ensure_future(self._flush_debts())
-            self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
+        """What a tenant's local buckets did while Redis was down, for Redis: `requests`
+        and `tokens` its finished requests used, and its `running` requests (id, tokens
+        reserved), which become reservations with leases like any other. `seed`: each
+        bucket's level should Redis have lost it. Sent before Redis counts as up again."""
+        for rid, _ in running:
+            self._open[rid] = keys
+        self._catchups.append((keys, seed, requests, tokens, running))
+        if self.up:
+            self._flush_soon()
 
-    async def _flush_debts(self, force: bool = False) -> bool:
-        while self._debts and (self.up or force):
-            name, (keys, requests, tokens, seed) = next(iter(self._debts.items()))
-            del self._debts[name]
+    async def _flush_catchups(self, force: bool) -> bool:
+        while self._catchups and (self.up or force):
+            keys, seed, requests, tokens, running = self._catchups[0]
+            extra = [x for pair in running for x in (pair[0], pair[1])]
             try:
-                await self._call(keys, "charge", str(requests), tokens, seed, force=force)
+                await self._call(keys, "catchup", str(requests), tokens, seed, force, extra)
             except StoreDown:
-                self.charge_later(keys, requests, tokens, seed)  # kept for the next return
                 return False
+            self._catchups.pop(0)
         return True
 
     def before_up(self, hook: Callable[[], None]) -> None:
         """Run `hook` when Redis answers again, before anything else is sent to it (the
         tenants' gates turn what they served locally into charges)."""
         self._before_up.append(hook)
+
+    def _flush_soon(self) -> None:
+        """Send what Redis missed in the background, while it counts as up (after a single
+        late answer), retrying every `timeout_s` until it goes through or Redis is down."""
+        if self._flushing:
+            return
+        self._flushing = True
+
+        async def flush() -> None:
+            try:
+                while self.up and (self._pending or self._catchups):
+                    await asyncio.sleep(self.timeout_s)
+                    if self.up and await self._flush_pending():
+                        return
+            finally:
+                self._flushing = False
+
+        task = asyncio.ensure_future(flush())
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     def _keep(self, reservation_id: str, keys: TenantKeys, used: int, sent: bool) -> None:
         if len(self._pending) >= MAX_PENDING_SETTLES:
@@ -252,20 +283,31 @@ class RedisQuotaStore:
         tokens: int,
         seed: Sequence[float] = (),
         force: bool = False,
+        extra: Sequence[str | int] = (),
     ) -> Reply:
         """`force`: call even while the store counts as down (the catch-up before it is
-        marked up again)."""
+        marked up again); `extra`: arguments after the seeds."""
         if not (self.up or force):
             raise StoreDown("Redis is down")
         args: list[str | bytes | float] = [op, rid, tokens, self.lease_s, *keys.spec]
         args += map(repr, seed)
+        args += extra
         try:
             async with asyncio.timeout(self.timeout_s):
                 raw = await self._script(keys=keys.keys, args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except TimeoutError as exc:
+            # Slow, not gone: one late answer (a busy event loop can make one) fails only
+            # its own request; two in a row take the store down.
+            self.failures += 1
+            self._timeouts += 1
+            if self._timeouts >= 2:
+                self._went_down(exc)
+            raise StoreDown("Redis did not answer in time") from None
+        except (RedisError, OSError) as exc:
             self.failures += 1
             self._went_down(exc)
             raise StoreDown(str(exc) or type(exc).__name__) from None
+        self._timeouts = 0
         return _reply(keys, raw)
 
     # -- health and leases ------------------------------------------------------------------
@@ -312,7 +354,7 @@ class RedisQuotaStore:
                 await self.client.ping()
         except (RedisError, OSError, TimeoutError):
             return False
-        # Catch up before requests reach Redis again: what was served locally, and the
+        # Catch up before requests reach Redis again: what was served locally, then the
         # settles and refunds it missed.
         for hook in self._before_up:
             hook()
@@ -328,8 +370,11 @@ class RedisQuotaStore:
         return True
 
     async def _flush_pending(self) -> bool:
-        """Send the settles and charges Redis missed (while it counts as down); False if it
-        fails again."""
+        """Send what Redis missed (while it counts as down): the tenants' catch-ups first
+        (a settle of a request adopted there must find it), then settles and refunds;
+        False if it fails again."""
+        if not await self._flush_catchups(force=True):
+            return False
         while self._pending:
             rid, (keys, used, sent) = next(iter(self._pending.items()))
             try:
@@ -337,7 +382,8 @@ class RedisQuotaStore:
             except StoreDown:
                 return False
             self._pending.pop(rid, None)
-        return await self._flush_debts(force=True)
+        self._timeouts = 0
+        return True
 
     async def _renew(self) -> None:
         by_tenant: dict[tuple[str, ...], list[str]] = {}

@@ -81,7 +81,8 @@ class SharedQuotaGate:
         self._open: dict[str, int] = {}  # this replica's open Redis reservations: id -> tokens
         self._held: dict[str, int] = {}  # of those, the ones the local buckets hold back
         self._local_open: set[Reservation] = set()  # served on local buckets, running
-        self._precharged: dict[Reservation, int] = {}  # of those, charged to Redis: tokens
+        self._adopted: dict[Reservation, str] = {}  # of those, now reservations in Redis
+        self._used_locally = (0, 0)  # requests, tokens local requests used while down
         self._seed_next: tuple[float, ...] = ()
         store.before_up(self._leave_local)
         self.on_delay = on_delay
@@ -185,19 +186,25 @@ class SharedQuotaGate:
         return result
 
     def _leave_local(self) -> None:
-        """Redis answers again: what this replica's local buckets admitted and still runs
-        is charged to the shared buckets now, whole (its settle gives back what it did not
-        use), so the shared buckets see it as they see their own requests; the local hold
-        on requests admitted through Redis ends. Called before anything else reaches
-        Redis (`RedisQuotaStore.before_up`), and from `_try`."""
+        """Redis answers again: tell it what this tenant's local buckets did — what their
+        finished requests used, and their running requests, which become reservations
+        there with leases (their settles go to Redis) — and end the local hold on requests
+        admitted through Redis. Called before anything else reaches Redis
+        (`RedisQuotaStore.before_up`), and from `_try`."""
         if not self._on_local:
             return
         self._on_local = False
         self._seed_next = self._seed()
+        running = []
         for r in self._local_open:
-            self._precharged[r] = r.tokens
-            self.store.charge_later(self.keys, 1, r.tokens, self._seed_next)
+            rid = self.store.new_id()
+            self._adopted[r] = rid
+            self._open[rid] = r.tokens
+            running.append((rid, r.tokens))
         self._local_open.clear()
+        requests, tokens = self._used_locally
+        self._used_locally = (0, 0)
+        self.store.catch_up_later(self.keys, self._seed_next, requests, tokens, running)
         for held in list(self._held):
             self._release_hold(held)
 
@@ -323,12 +330,14 @@ class SharedQuotaGate:
         if reservation.quota is not self:  # served on this replica's own buckets
             self.local.settle(reservation, used_tokens, sent)
             self._local_open.discard(reservation)
-            used = used_tokens if sent else 0
-            precharged = self._precharged.pop(reservation, None)
-            if precharged is not None:  # charged whole when Redis came back: correct it
-                self.store.charge_later(self.keys, 0 if sent else -1, used - precharged)
-            elif sent:
-                self.store.charge_later(self.keys, 1, used)
+            adopted = self._adopted.pop(reservation, None)
+            if adopted is not None:  # a reservation in Redis since it came back
+                self._open.pop(adopted, None)
+                self._release_hold(adopted)
+                self.store.settle_soon(self.keys, adopted, used_tokens, sent, self._kick.set)
+            elif sent:  # for the catch-up when Redis answers again
+                requests, tokens = self._used_locally
+                self._used_locally = (requests + 1, tokens + used_tokens)
             return
         reservation.settled = True
         self._local_quota.in_flight -= 1
