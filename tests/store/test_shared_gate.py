@@ -244,3 +244,27 @@ async def test_a_local_request_still_running_when_redis_returns_is_charged_there
         assert reply.levels[0] == pytest.approx(470, abs=5) and reply.in_flight == 1
     finally:
         probing.cancel()
+
+
+async def test_requests_waiting_on_local_buckets_wait_on_redis_once_it_is_back(
+    redis_server: RedisServer, stores
+):
+    g = gate(stores[0], Limits(max_concurrent=3), "local", replicas=3)  # 1 here when down
+    redis_server.stop()
+    first = await g.reserve(0, max_wait_s=0)
+    assert isinstance(first, Reservation) and first.quota is not g
+    waiting = asyncio.create_task(g.reserve(0, max_wait_s=10))  # the local share is taken
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    redis_server.start()
+    probing = asyncio.create_task(stores[0].run())
+    try:
+        # Redis is back: the local buckets admit nothing more; the waiter goes to Redis,
+        # where 3 may run (the first is one of them now) — not to the local share later.
+        second = await asyncio.wait_for(waiting, 3)
+        assert isinstance(second, Reservation) and second.quota is g
+        assert (await stores[0].check(g.keys, 0)).in_flight == 2
+        g.settle(first, 0)
+        g.settle(second, 0)
+    finally:
+        probing.cancel()

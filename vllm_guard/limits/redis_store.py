@@ -147,7 +147,8 @@ class RedisQuotaStore:
         self._timeouts = 0  # calls in a row that missed their deadline
         self._flushing = False
         self._before_up: list[Callable[[], None]] = []
-        self._back = asyncio.Event()
+        self._back = asyncio.Event()  # set while the store is up
+        self._back.set()
         self._settling: set[asyncio.Future[Any]] = set()
 
     @property
@@ -327,6 +328,7 @@ class RedisQuotaStore:
             self._on_change(False)
 
     async def wait_up(self) -> None:
+        """Until the store counts as up."""
         await self._back.wait()
 
     async def run(self) -> None:

@@ -9,8 +9,16 @@ has no refill time), and at once when a request of this replica settles.
 
 While Redis cannot be reached, the tenant's class decides (`on_store_down`): `reject`
 answers 503 with retry-after; `local` charges this replica's own buckets at the limit
-divided by `guard.replicas`, so the replicas together stay within the limit. Requests
-admitted either way settle where they were charged.
+divided by `guard.replicas`, so the replicas together stay within the limit. The switch
+keeps the promise both ways:
+
+- into local: the local buckets start at this replica's share of the level Redis last
+  reported, hold back from refill what this replica's running requests reserved in Redis
+  (as Redis did), and count them against the local concurrency share;
+- back to Redis (before it counts as up again, `RedisQuotaStore.before_up`): the running
+  requests the local buckets admitted become reservations with leases in Redis, and what
+  the finished ones used is charged there; a Redis that lost its data is seeded from the
+  local levels times the replicas, not refilled.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ POLL_S = 0.05
 """Longest a waiting head goes without asking Redis again (others' releases are unseen)."""
 
 _UNREACHABLE = object()  # a waiter's answer when Redis went away while it waited
+_BACK = object()  # a local waiter's answer when Redis came back while it waited
 
 OnStoreDown = Literal["reject", "local"]
 
@@ -178,11 +187,26 @@ class SharedQuotaGate:
         if not self._on_local:
             self._on_local = True
             self._start_local()
+        deadline = self._clock.now() + max_wait_s
         result = await self.local.reserve(tokens, max_wait_s, max_waiting)
+        if result is _BACK:  # Redis answers again: wait there for what is left of the wait
+            try:
+                async with asyncio.timeout(max(0.0, deadline - self._clock.now())):
+                    await self.store.wait_up()  # its catch-up is being sent
+            except TimeoutError:
+                return await self._without_store(tokens, 0.0, max_waiting)
+            left_s = max(0.0, deadline - self._clock.now())
+            return await self.reserve(tokens, left_s, max_waiting)
         if isinstance(result, Denied) and result.retry_after_s == math.inf:
             return STORE_DOWN  # too large for this replica's share only: not the client's fault
         if isinstance(result, Reservation):
-            self._local_open.add(result)
+            if self._on_local:
+                self._local_open.add(result)
+            else:  # admitted locally just as Redis came back: Redis takes it over now
+                rid = self.store.new_id()
+                self._adopted[result] = rid
+                self._open[rid] = result.tokens
+                self.store.catch_up_later(self.keys, (), 0, 0, [(rid, result.tokens)])
         return result
 
     def _leave_local(self) -> None:
@@ -207,6 +231,9 @@ class SharedQuotaGate:
         self.store.catch_up_later(self.keys, self._seed_next, requests, tokens, running)
         for held in list(self._held):
             self._release_hold(held)
+        # Requests still waiting for the local buckets wait for Redis's from now on: local
+        # buckets admit nothing while Redis answers.
+        self.local.answer_waiters(_BACK)
 
     def _start_local(self) -> None:
         """The local buckets take over where the shared ones were last seen (this replica's

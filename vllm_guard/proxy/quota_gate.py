@@ -121,13 +121,18 @@ class QuotaGate:
     def drain(self) -> None:
         """The server stops: every waiter gets `DRAINED` now, and so does any new request."""
         self.draining = True
+        self.answer_waiters(DRAINED)
+
+    def answer_waiters(self, answer: object) -> None:
+        """Every waiter gets `answer` now (the server drains; or, for a shared store's
+        local buckets, Redis is back and they should wait there instead)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.future.done():
-                waiter.future.set_result(DRAINED)
+                waiter.future.set_result(answer)
                 self._live -= 1
 
     async def reserve(
