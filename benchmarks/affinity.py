@@ -4,7 +4,8 @@
                                   [--out results/affinity]
 
 Two tiny vLLMs (`vllm-guard serve --model tiny`, 8 slots each, prefix caching on, as vLLM
-defaults) and two `vllm-guard proxy`s over both: `engine.affinity: session` and `none`.
+defaults; computing on cores 0 and 1) and two `vllm-guard proxy`s over both:
+`engine.affinity: session` and `none`.
 Per repetition, each proxy in turn (alternating which goes first) runs `--conversations`
 chats at once, `--turns` turns each: every turn sends the whole history plus a new user
 message of ~200 random words (so a conversation's prefix is cached only where it ran
@@ -88,7 +89,13 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     engine_config = work / "engine.yaml"
     engine_config.write_text(ENGINE_CONFIG)
     a = Stack(log_dir=work / "a", config_path=engine_config, keys=KEYS)
-    b = Stack(log_dir=work / "b", config_path=engine_config, keys=KEYS, engine_key=a.engine_key)
+    b = Stack(
+        log_dir=work / "b",
+        config_path=engine_config,
+        keys=KEYS,
+        engine_key=a.engine_key,
+        env={"VLLM_CPU_OMP_THREADS_BIND": "1"},  # A computes on core 0 (vLLM's default)
+    )
     procs: dict[str, Any] = {}
     urls: dict[str, str] = {}
     runs: list[dict[str, Any]] = []

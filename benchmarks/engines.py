@@ -2,7 +2,9 @@
 
     python benchmarks/engines.py [--duration 60] [--batch 10] [--out results/engines]
 
-Starts two tiny vLLMs (`vllm-guard serve --model tiny`, 8 slots each, one engine key) and
+Starts two tiny vLLMs (`vllm-guard serve --model tiny`, 8 slots each, one engine key; A
+computes on core 0, B on core 1 — vLLM's CPU build binds every engine to core 0 unless
+`VLLM_CPU_OMP_THREADS_BIND` says otherwise, and then one starves the other) and
 `vllm-guard proxy --upstream A --upstream B` in front of both (default `hang_detect_s`, 5 s:
 with 2 s, the two engines' API servers on 2 busy cores missed their health deadline now
 and then and were taken out while well).
@@ -157,7 +159,13 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     engine_config = work / "engine.yaml"
     engine_config.write_text(ENGINE_CONFIG)
     a = Stack(log_dir=work / "a", config_path=engine_config, keys=KEYS)
-    b = Stack(log_dir=work / "b", config_path=engine_config, keys=KEYS, engine_key=a.engine_key)
+    b = Stack(
+        log_dir=work / "b",
+        config_path=engine_config,
+        keys=KEYS,
+        engine_key=a.engine_key,
+        env={"VLLM_CPU_OMP_THREADS_BIND": "1"},  # A computes on core 0 (vLLM's default)
+    )
     proxy_config = work / "proxy.yaml"
     proxy_config.write_text(PROXY_CONFIG)
     proc = None

@@ -30,6 +30,7 @@ def two_engines(stack, tmp_path_factory):
         keys=KEYS,
         engine_key=stack.engine_key,  # one guard key for both engines
         vllm_args=("--enforce-eager",),
+        env={"VLLM_CPU_OMP_THREADS_BIND": "1"},  # the session's engine computes on core 0
     )
     second.start()
     config = work / "limits.yaml"

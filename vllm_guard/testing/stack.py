@@ -40,12 +40,15 @@ class Stack:
         keys: Mapping[str, str] | None = None,
         metrics_port: int | None = None,
         engine_key: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """`keys`: use these (variable -> key) instead of making up one per `key_vars`,
         e.g. for a second stack that must accept the first one's clients; `metrics_port`:
         serve /metrics there (`--metrics-port`) rather than on the public port;
         `engine_key`: the key its vLLM requires (default: made up), e.g. the same for two
-        engines behind one `vllm-guard proxy`."""
+        engines behind one `vllm-guard proxy`; `env`: more environment for serve and vLLM
+        (e.g. `VLLM_CPU_OMP_THREADS_BIND`, so two CPU engines compute on different cores:
+        vLLM binds every one to core 0 by default)."""
         self.port = port or free_port()
         self.metrics_port = metrics_port
         self.vllm_port = free_port()
@@ -58,7 +61,7 @@ class Stack:
         # The engine answers only this key (serve takes it from its environment): tests,
         # benchmarks and the demo that talk to vLLM directly send `engine_headers`.
         self.engine_key = engine_key or secrets.token_urlsafe(24)
-        env = {**os.environ, **self.keys, ENGINE_KEY_ENV: self.engine_key}
+        env = {**os.environ, **(env or {}), **self.keys, ENGINE_KEY_ENV: self.engine_key}
         self.config_path = config_path
         self.vllm_args = vllm_args
         self.config = load_config(config_path, env)
