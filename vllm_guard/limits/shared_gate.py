@@ -163,6 +163,16 @@ class SharedQuotaGate:
         return answer
 
     async def _try(self, tokens: int) -> Reservation | Denied:
+        """Reserve in Redis; a single late answer (the store still counts as up) is asked
+        again once, so one slow moment does not send requests to the local buckets."""
+        try:
+            return await self._try_once(tokens)
+        except StoreDown:
+            if not self.store.up:
+                raise
+            return await self._try_once(tokens)
+
+    async def _try_once(self, tokens: int) -> Reservation | Denied:
         rid = self.store.new_id()
         self._leave_local()
         reply = await self.store.reserve(self.keys, rid, tokens, self._seed_next)
@@ -288,6 +298,8 @@ class SharedQuotaGate:
                 try:
                     result = await self._try(head.tokens)
                 except StoreDown:
+                    if self.store.up:
+                        continue  # one late answer: ask again
                     self._all_unreachable()
                     break
                 if head.future.done():  # its client left while Redis was asked
