@@ -9,7 +9,8 @@ defaults; computing on cores 0 and 1) and two `vllm-guard proxy`s over both:
 Per repetition, each proxy in turn (alternating which goes first) runs `--conversations`
 chats at once, `--turns` turns each: every turn sends the whole history plus a new user
 message of ~200 random words (so a conversation's prefix is cached only where it ran
-before), streaming, 32 tokens, with the conversation's `x-session-id`. Measured per proxy:
+before), streaming, 32 tokens, with the conversation's `x-session-id`, then waits 0-0.5 s
+(so conversations interleave differently turn by turn). Measured per proxy:
 TTFT of turns 2.. (p50, p95) and vLLM's prefix-cache hit rate over both engines
 (`vllm:prefix_cache_hits_total` / `_queries_total`, the change during the run).
 Writes affinity.json and affinity.md to --out.
@@ -38,7 +39,8 @@ from vllm_guard.testing.prometheus import parse_prometheus, total
 from vllm_guard.testing.stack import Stack, start_proxy, stop, wait_healthy
 
 PROXY_CONFIG = f"""
-engine: {{max_num_seqs: {SLOTS}, scheduler: vllm, affinity: {{affinity}}}}
+engine:
+  {{max_num_seqs: {SLOTS}, scheduler: vllm, affinity: {{affinity}}, affinity_slack: {{slack}}}}
 guard: {{engine_key: "env:VLLM_GUARD_ENGINE_KEY"}}
 classes:
   interactive: {{vllm_priority: 0, max_wait_s: 60}}
@@ -69,6 +71,7 @@ async def _conversation(
         if turn > 0 and first is not None:
             ttfts.append(first)
         messages.append({"role": "assistant", "content": f"reply {turn} of {name}"})
+        await asyncio.sleep(rng.uniform(0, 0.5))  # the user reads and types: turns interleave
 
 
 def _cache(stacks: list[Stack]) -> tuple[float, float]:
@@ -107,7 +110,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         env = {**KEYS, "VLLM_GUARD_ENGINE_KEY": a.engine_key}
         for mode in ("session", "none"):
             config = work / f"{mode}.yaml"
-            config.write_text(PROXY_CONFIG.replace("{affinity}", mode))
+            config.write_text(
+                PROXY_CONFIG.replace("{affinity}", mode).replace("{slack}", str(args.slack))
+            )
             port, log = free_port(), work / f"proxy-{mode}.log"
             extra = ("--upstream", b.vllm_url)
             procs[mode] = start_proxy(a.vllm_url, config, port, env, log, extra_args=extra)
@@ -158,8 +163,10 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         f"{r['when']}, {r['cpus']} CPUs, two tiny vLLMs ({SLOTS} slots each) on the same cores, "
         f"{r['args']['conversations']} conversations at once, {r['args']['turns']} turns "
-        "each (whole history + ~200 new words per turn, 32-token streamed replies), "
-        "`x-session-id` per conversation; TTFT over turns 2 onwards.",
+        "each (whole history + ~200 new words per turn, 32-token streamed replies, 0-0.5 s "
+        "between turns), "
+        f"`x-session-id` per conversation, `affinity_slack` {r['args']['slack']}; TTFT over "
+        "turns 2 onwards.",
         "",
         "| rep | engine.affinity | TTFT p50 | TTFT p95 | prefix-cache hit rate | run time |",
         "|---:|---|---:|---:|---:|---:|",
@@ -179,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conversations", type=int, default=12)
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--slack", type=int, default=2, help="engine.affinity_slack (default 2)")
     p.add_argument("--out", type=Path, default=Path("results/affinity"))
     args = p.parse_args(argv)
     result = asyncio.run(_run(args))

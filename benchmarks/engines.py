@@ -266,8 +266,8 @@ def _markdown(r: dict[str, Any]) -> str:
     lines = [
         "# Two engines behind one guard, one stopped mid-run",
         "",
-        f"{r['when']}, {r['cpus']} CPUs, two tiny vLLMs ({SLOTS} slots each) on the same "
-        f"cores, `vllm-guard proxy` with two `--upstream`s, {r['args']['batch']} batch "
+        f"{r['when']}, {r['cpus']} CPUs, two tiny vLLMs ({SLOTS} slots each, computing on "
+        f"cores 0 and 1), `vllm-guard proxy` with two `--upstream`s, {r['args']['batch']} batch "
         "clients (non-streaming, 64 tokens) and one interactive client (streaming probes, "
         f"one after another) for {r['args']['duration']:.0f} s. Engine B's API server "
         f"SIGSTOPped at {r['stopped_at_s']:.0f} s, SIGCONTed at {r['continued_at_s']:.0f} s.",
