@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from vllm_guard.testing.prometheus import parse_prometheus, total
 from vllm_guard.testing.stack import Stack, running_stack
 
 pytestmark = pytest.mark.integration
@@ -92,14 +93,8 @@ async def _run() -> dict:
             outcome["after_restart"] = client.completions.create(
                 model="tiny", prompt="hi", max_tokens=2
             ).usage.completion_tokens
-            metrics = httpx.get(stack.guard_url + "/metrics").text
-            outcome["restarts"] = float(
-                next(
-                    line.split()[1]
-                    for line in metrics.splitlines()
-                    if line.startswith("vllm_guard_engine_restarts ")
-                )
-            )
+            metrics = parse_prometheus(httpx.get(stack.guard_url + "/metrics").text)
+            outcome["restarts"] = total(metrics, "vllm_guard_engine_restarts")
             outcome["log"] = stack.guard_log.read_text()
         finally:
             with contextlib.suppress(ProcessLookupError):
