@@ -301,7 +301,9 @@ class TenantConfig(BaseModel):
     priority_class: str = Field(alias="class")
     """The class the tenant's requests get; a request may only choose a less urgent one."""
     api_keys: Annotated[tuple[str, ...], Field(strict=False)] = ()
-    """Keys as `env:VAR` (the key is read from that environment variable at load time)."""
+    """Keys as `env:VAR` (read from that environment variable at load time) or `file:PATH`
+    (read from that file at load time, trailing whitespace dropped; relative to the config
+    file)."""
     api_key_sha256: Annotated[tuple[str, ...], Field(strict=False)] = ()
     """Keys as lowercase SHA-256 hex digests of the key (`printf %s KEY | sha256sum`)."""
     limits: LimitsConfig | None = None
@@ -528,11 +530,16 @@ def _add_digest(
 
 
 def _resolve_secret(ref: str, env: Mapping[str, str], source: str, loc: tuple[str, ...]) -> str:
+    """A secret's value from its reference: `env:VARIABLE`, or `file:PATH` (the file's
+    content without trailing whitespace, read at each load — a mounted Kubernetes secret;
+    a relative PATH is relative to the config file). Errors never show the value."""
     path = ".".join(loc)
+    if ref.startswith("file:"):
+        return _read_secret_file(ref[5:], source, path)
     if not ref.startswith("env:"):
         raise ConfigError(
-            f"{source}: {path}: write the key as env:VARIABLE (or list its SHA-256 digest under "
-            "api_key_sha256); plain keys are not accepted in config files"
+            f"{source}: {path}: write the key as env:VARIABLE or file:PATH (or list its SHA-256 "
+            "digest under api_key_sha256); plain keys are not accepted in config files"
         )
     var = ref[4:]
     if not _ENV_NAME.match(var):  # perhaps a key written as env:KEY: never print it
@@ -540,6 +547,22 @@ def _resolve_secret(ref: str, env: Mapping[str, str], source: str, loc: tuple[st
     value = env.get(var)
     if not value:
         raise ConfigError(f"{source}: {path}: environment variable {var} is not set or empty")
+    return value
+
+
+def _read_secret_file(name: str, source: str, path: str) -> str:
+    file = Path(name)
+    if not file.is_absolute() and not source.startswith("<"):
+        file = Path(source).parent / file
+    try:
+        value = file.read_text().rstrip()
+    except (OSError, UnicodeDecodeError) as exc:  # the name is not shown: it may be a key
+        reason = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise ConfigError(
+            f"{source}: {path}: file: cannot read the file it names ({reason})"
+        ) from None
+    if not value:
+        raise ConfigError(f"{source}: {path}: file: names an empty file")
     return value
 
 

@@ -139,3 +139,37 @@ def test_quota_store_takes_redis_urls_and_a_password_reference_only():
         "local",
         "reject",
     ]
+
+
+def test_keys_can_come_from_files_read_at_load(tmp_path):
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "chat").write_text("chat-key-from-file\n")  # a trailing newline is dropped
+    config_file = tmp_path / "limits.yaml"
+    config_file.write_text(
+        BASE_CONFIG.replace('api_keys: ["env:CHAT_UI_KEY"]', 'api_keys: ["file:secrets/chat"]')
+    )
+    config = load_config(config_file, KEYS)
+    digest = hashlib.sha256(b"chat-key-from-file").digest()
+    assert config.key_digests[digest].name == "chat-ui"
+    # A rotated file is what the next load reads.
+    (secrets_dir / "chat").write_text("rotated-chat-key")
+    config = load_config(config_file, KEYS)
+    assert hashlib.sha256(b"rotated-chat-key").digest() in config.key_digests
+    assert digest not in config.key_digests
+
+
+def test_a_file_reference_that_cannot_be_read_names_no_secret(tmp_path):
+    (tmp_path / "empty").write_text("\n")
+    for ref, said in (
+        ("file:empty", "names an empty file"),
+        ("file:pasted-key-7f3a", "cannot read"),
+    ):
+        config_file = tmp_path / "limits.yaml"
+        config_file.write_text(
+            BASE_CONFIG.replace('api_keys: ["env:CHAT_UI_KEY"]', f'api_keys: ["{ref}"]')
+        )
+        with pytest.raises(ConfigError) as info:
+            load_config(config_file, KEYS)
+        assert said in str(info.value) and "pasted-key-7f3a" not in str(info.value)
+        assert "tenants.chat-ui.api_keys.0" in str(info.value)
