@@ -203,9 +203,10 @@ class GuardSettings(BaseModel):
     quota_store_ca_file: str | None = None
     """`rediss://` with a private CA: the PEM file that signs the server's certificate."""
     quota_store_timeout_s: Annotated[float, Field(gt=0, le=5, strict=False)] = 0.1
-    """Deadline of each Redis call, connecting included. A call that misses it marks the
-    store down (each class's `on_store_down` applies) until Redis answers a probe again
-    (every 0.5 s)."""
+    """Deadline of each Redis call, connecting included. Two calls in a row that miss it (or
+    an error, such as a refused connection) mark the store down (each class's
+    `on_store_down` applies) until Redis answers a probe again (every 0.5 s); a single late
+    answer is asked again once."""
     quota_store_lease_s: Annotated[float, Field(ge=1, le=3600, strict=False)] = 30.0
     """A request's concurrency lease in Redis lives this long unless its replica renews it
     (every third of it): when a guard dies, its requests stop counting after at most this
