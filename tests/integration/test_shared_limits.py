@@ -3,6 +3,8 @@ tenants' limits through a real Redis; then Redis stopped and started again."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from pathlib import Path
 
@@ -130,3 +132,18 @@ def test_redis_down_local_serves_a_share_reject_answers_503_and_it_recovers(repl
             time.sleep(0.1)
         answer = _ask(url, "STRICT_KEY")
         assert not isinstance(answer, openai.APIStatusError)
+
+
+def test_the_dashboards_quota_store_panel_reads_series_the_replicas_export(replicas):
+    urls, _ = replicas
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [
+        t["expr"]
+        for p in dashboard["panels"]
+        if p["title"].startswith("Quota store")
+        for t in p["targets"]
+    ]
+    names = {n for e in exprs for n in re.findall(r"vllm_guard_quota_store_\w+", e)}
+    assert len(names) == 3
+    exported = {key.split("{", 1)[0] for key in _metrics(urls[0])}
+    assert names <= exported, names - exported
