@@ -31,11 +31,11 @@ from typing import Any
 
 import aiohttp
 from common import write_report
-from engines import ENGINE_CONFIG, KEYS, SLOTS
+from engines import KEYS, SLOTS, two_engines, vllm_metrics
 
 from vllm_guard.demo.workload import new_session, percentile
 from vllm_guard.engine.launcher import free_port
-from vllm_guard.testing.prometheus import parse_prometheus, total
+from vllm_guard.testing.prometheus import total
 from vllm_guard.testing.stack import Stack, start_proxy, stop, wait_healthy
 
 PROXY_CONFIG = f"""
@@ -61,13 +61,11 @@ async def _conversation(
         body = {"model": "tiny", "messages": messages, "max_tokens": 32, "stream": True}
         sent = time.perf_counter()
         first = None
-        reply = []
         async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
             assert r.status == 200, (r.status, await r.text())
             async for line in r.content:
                 if line.startswith(b"data: {"):
                     first = first or time.perf_counter() - sent
-                    reply.append(line)
         if turn > 0 and first is not None:
             ttfts.append(first)
         messages.append({"role": "assistant", "content": f"reply {turn} of {name}"})
@@ -75,13 +73,9 @@ async def _conversation(
 
 
 def _cache(stacks: list[Stack]) -> tuple[float, float]:
-    import urllib.request
-
     hits = queries = 0.0
     for s in stacks:
-        req = urllib.request.Request(s.vllm_url + "/metrics", headers=s.engine_headers)
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            m = parse_prometheus(resp.read().decode())
+        m = vllm_metrics(s)
         hits += total(m, "vllm:prefix_cache_hits_total")
         queries += total(m, "vllm:prefix_cache_queries_total")
     return hits, queries
@@ -89,16 +83,7 @@ def _cache(stacks: list[Stack]) -> tuple[float, float]:
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="affinity-"))
-    engine_config = work / "engine.yaml"
-    engine_config.write_text(ENGINE_CONFIG)
-    a = Stack(log_dir=work / "a", config_path=engine_config, keys=KEYS)
-    b = Stack(
-        log_dir=work / "b",
-        config_path=engine_config,
-        keys=KEYS,
-        engine_key=a.engine_key,
-        env={"VLLM_CPU_OMP_THREADS_BIND": "1"},  # A computes on core 0 (vLLM's default)
-    )
+    a, b = two_engines(work)
     procs: dict[str, Any] = {}
     urls: dict[str, str] = {}
     runs: list[dict[str, Any]] = []

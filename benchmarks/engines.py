@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -146,16 +147,9 @@ async def _warm_up(stacks: list[Stack]) -> None:
             await asyncio.gather(*(one(st) for st in stacks for _ in range(SLOTS)))
 
 
-def _served(stack: Stack) -> float:
-    import urllib.request
-
-    req = urllib.request.Request(stack.vllm_url + "/metrics", headers=stack.engine_headers)
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return total(parse_prometheus(resp.read().decode()), "vllm:request_success_total")
-
-
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="engines-"))
+def two_engines(work: Path) -> tuple[Stack, Stack]:
+    """Two tiny-vLLM stacks (not started) with one engine key: A computes on core 0
+    (vLLM's default), B on core 1."""
     engine_config = work / "engine.yaml"
     engine_config.write_text(ENGINE_CONFIG)
     a = Stack(log_dir=work / "a", config_path=engine_config, keys=KEYS)
@@ -164,8 +158,25 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         config_path=engine_config,
         keys=KEYS,
         engine_key=a.engine_key,
-        env={"VLLM_CPU_OMP_THREADS_BIND": "1"},  # A computes on core 0 (vLLM's default)
+        env={"VLLM_CPU_OMP_THREADS_BIND": "1"},
     )
+    return a, b
+
+
+def vllm_metrics(stack: Stack) -> dict[str, float]:
+    """The engine's own /metrics, parsed (blocking: call it in a thread)."""
+    req = urllib.request.Request(stack.vllm_url + "/metrics", headers=stack.engine_headers)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return parse_prometheus(resp.read().decode())
+
+
+def _served(stack: Stack) -> float:
+    return total(vllm_metrics(stack), "vllm:request_success_total")
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="engines-"))
+    a, b = two_engines(work)
     proxy_config = work / "proxy.yaml"
     proxy_config.write_text(PROXY_CONFIG)
     proc = None

@@ -125,15 +125,11 @@ class _ClassState:
     arrival order (expiry: deadlines are arrival + the class's max_wait_s). Tickets that
     left (admitted, cancelled, expired) are dropped from either lazily."""
 
-    __slots__ = (
-        "arrivals", "finish", "heap", "in_flight", "kv_reserved", "seq", "spec", "vtime",
-        "waiting",
-    )  # fmt: skip
+    __slots__ = ("arrivals", "finish", "heap", "in_flight", "seq", "spec", "vtime", "waiting")
 
     def __init__(self, spec: PriorityClass) -> None:
         self.spec = spec
         self.in_flight = 0
-        self.kv_reserved = 0
         self.waiting = 0
         self.heap: list[tuple[float, int, Ticket]] = []
         self.arrivals: deque[Ticket] = deque()
@@ -289,7 +285,6 @@ class Admission:
         self.in_flight -= ticket.seqs
         engine.in_flight -= ticket.seqs
         engine.class_in_flight[rank] -= ticket.seqs
-        state.kv_reserved -= ticket.kv
         engine.class_kv[rank] -= ticket.kv
         engine.kv.reserved -= ticket.kv
         self._observe_completion(now)
@@ -446,7 +441,6 @@ class Admission:
         self.in_flight += ticket.seqs
         engine.in_flight += ticket.seqs
         engine.class_in_flight[rank] += ticket.seqs
-        state.kv_reserved += ticket.kv
         engine.class_kv[rank] += ticket.kv
         engine.kv.reserved += ticket.kv
 

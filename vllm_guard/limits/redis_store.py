@@ -108,11 +108,10 @@ class RedisQuotaStore:
         timeout_s: float = 0.1,
         lease_s: float = 30.0,
         prefix: str = "vllm-guard:",
-        on_change: Callable[[bool], None] | None = None,
     ) -> None:
         """`timeout_s`: the deadline of every Redis call (connecting included);
         `lease_s`: how long a concurrency lease lives unless renewed (renewed every third
-        of it); `on_change(up)`: told when the store goes down or comes back."""
+        of it)."""
         options: dict[str, Any] = {}
         if ca_file is not None:
             options["ssl_ca_certs"] = ca_file
@@ -135,7 +134,6 @@ class RedisQuotaStore:
         self.up = True
         self.failures = 0  # calls that failed (timeouts and errors)
         self.down_since: float | None = None
-        self._on_change = on_change
         self._ids = itertools.count()
         self._replica = secrets.token_hex(6)
         self._open: dict[str, TenantKeys] = {}  # this replica's open reservations: id -> keys
@@ -235,12 +233,13 @@ class RedisQuotaStore:
         if self.up:
             self._flush_soon()
 
-    async def _flush_catchups(self, force: bool) -> bool:
-        while self._catchups and (self.up or force):
+    async def _flush_catchups(self) -> bool:
+        """Send the queued catch-ups (whether or not the store counts as up yet)."""
+        while self._catchups:
             keys, seed, requests, tokens, running = self._catchups[0]
             extra = [x for pair in running for x in (pair[0], pair[1])]
             try:
-                await self._call(keys, "catchup", str(requests), tokens, seed, force, extra)
+                await self._call(keys, "catchup", str(requests), tokens, seed, True, extra)
             except StoreDown:
                 return False
             self._catchups.pop(0)
@@ -324,8 +323,6 @@ class RedisQuotaStore:
             "until it does",
             type(exc).__name__,
         )
-        if self._on_change is not None:
-            self._on_change(False)
 
     async def wait_up(self) -> None:
         """Until the store counts as up."""
@@ -367,15 +364,13 @@ class RedisQuotaStore:
         self.down_since = None
         self._back.set()
         log.warning("the quota store (Redis) answers again after %.1f s", down_for)
-        if self._on_change is not None:
-            self._on_change(True)
         return True
 
     async def _flush_pending(self) -> bool:
         """Send what Redis missed (while it counts as down): the tenants' catch-ups first
         (a settle of a request adopted there must find it), then settles and refunds;
         False if it fails again."""
-        if not await self._flush_catchups(force=True):
+        if not await self._flush_catchups():
             return False
         while self._pending:
             rid, (keys, used, sent) = next(iter(self._pending.items()))

@@ -71,7 +71,6 @@ class GuardApp:
         self.engines = [engine] if isinstance(engine, EngineState) else list(engine)
         assert len(self.upstreams) == len(self.engines) >= 1
         self.upstream = self.upstreams[0]
-        # The request path asks "is there an engine to take it?" once per request.
         eng = config.engine
         self.admission = admission or Admission(
             config.max_num_seqs,

@@ -187,8 +187,7 @@ class QuotaGate:
         """End one of this tenant's requests on its quota now (see `QuotaStore.settle`;
         `sent=False` gives a hold back whole) and let in the waiters a refund admits."""
         self.quota.settle(reservation, used_tokens, self._clock.now(), sent=sent)
-        if self._waiters:
-            self._wake()
+        self.wake()
 
     def wake(self) -> None:
         """Let in the waiters the buckets admit now (after a change made elsewhere)."""
