@@ -106,6 +106,19 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a limits file and print what it compiles to")
     c.add_argument("file", type=Path)
 
+    r = sub.add_parser(
+        "reload",
+        help="reload a running guard's limits file (as SIGHUP does) and say how it went",
+        description="Send SIGHUP to the guard process PID, which reads its --config file "
+        "again: tenants, keys, limits, shadow and class queue settings change at once, "
+        "without touching vLLM; requests under way finish under the rules they arrived "
+        "with. A file that does not validate, or that changes engine.*, guard.* or the "
+        "classes themselves (these need a restart), changes nothing. Exits 0 when the "
+        "guard reloaded, 1 when it kept its config, 2 when PID is not a vllm-guard.",
+    )
+    r.add_argument("--pid", type=int, required=True, help="the vllm-guard serve/proxy process")
+    r.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for its answer")
+
     d = sub.add_parser(
         "demo",
         help="CPU end-to-end demonstration: a batch flood against interactive probes, "
@@ -242,6 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vllm_guard.client.batch import main_batch
 
         return main_batch(args)
+    if args.command == "reload":
+        from vllm_guard.proxy.reload import request_reload
+
+        code, message = request_reload(args.pid, args.timeout)
+        print(f"vllm-guard: {message}", file=sys.stderr if code else sys.stdout)
+        return code
 
     try:
         config = load_config(args.config if args.command != "check-config" else args.file)

@@ -294,6 +294,11 @@ class PriorityClassConfig(BaseModel):
     charges this replica's own buckets at each limit divided by `guard.replicas` (the
     replicas together stay within it); `reject` answers 503 with retry-after. Either way
     slots, priorities and fair queueing go on: they never depend on Redis."""
+    shadow: bool = False
+    """Shadow mode for the class's tenants (unless a tenant says otherwise): their limits
+    are charged as if enforced, but a request they would refuse or delay is served at once
+    and counted (`vllm_guard_rate_limited_total{action="shadow"}`), with the x-ratelimit-*
+    headers it would have had. Watch a limit on real traffic, then enforce it by reload."""
 
 
 class TenantConfig(BaseModel):
@@ -311,6 +316,8 @@ class TenantConfig(BaseModel):
     """The tenant's quota; unset takes its class's `default_limits` (or none)."""
     weight: Annotated[float, Field(gt=0, strict=False)] = 1.0
     """Share of its class's engine slots when tenants queue (weighted fair queueing)."""
+    shadow: bool | None = None
+    """Shadow mode for this tenant (see the class's `shadow`); unset: the class's."""
     share_prefix_cache: bool = False
     """By default each tenant gets its own `cache_salt` in vLLM (no tenant can time whether
     another sent a prefix recently). True: the tenant's requests go without one (a
@@ -394,7 +401,9 @@ class CompiledConfig:
     random per start)."""
     quota_store_password: str | None
     spec: GuardConfig
-    """The validated file this was compiled from."""
+    """What this was compiled from: the validated file, with `engine.scheduler` as run."""
+    file_spec: GuardConfig | None = None
+    """The file as written, where `spec` differs from it (`with_scheduler`)."""
 
     def with_scheduler(
         self, scheduler: Literal["vllm", "guard"], env: Mapping[str, str]
@@ -403,10 +412,23 @@ class CompiledConfig:
         `vllm`, reserved slots and worst-case KV, when the plugin cannot run)."""
         engine = self.spec.engine.model_copy(update={"scheduler": scheduler})
         spec = self.spec.model_copy(update={"engine": engine})
-        return compile_config(spec, self.source, env)
+        salt = None if self.spec.guard.cache_salt_secret else self.cache_salt_secret
+        return compile_config(
+            spec, self.source, env, cache_salt_secret=salt, file_spec=self.file_spec or self.spec
+        )
 
 
-def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> CompiledConfig:
+def compile_config(
+    cfg: GuardConfig,
+    source: str,
+    env: Mapping[str, str],
+    *,
+    cache_salt_secret: bytes | None = None,
+    file_spec: GuardConfig | None = None,
+) -> CompiledConfig:
+    """`cache_salt_secret`: the salt secret where the file sets none (a reload keeps the
+    running one; else a random one); `file_spec`: the file as written, where `cfg` was
+    changed from it."""
     ordered = sorted(cfg.classes.items(), key=lambda kv: kv[1].vllm_priority)
     classes: list[PriorityClass] = []
     reserved_above = 0
@@ -456,6 +478,7 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
             _compile_limits(limits),
             t.weight,
             t.share_prefix_cache,
+            cfg.classes[t.priority_class].shadow if t.shadow is None else t.shadow,
         )
         tenants[tname] = tenant
         for i, ref in enumerate(t.api_keys):
@@ -479,7 +502,7 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
     salt_secret = (
         _resolve_secret(salt_ref, env, source, ("guard", "cache_salt_secret")).encode()
         if salt_ref is not None
-        else secrets.token_bytes(32)
+        else cache_salt_secret or secrets.token_bytes(32)
     )
     store_password = cfg.guard.quota_store_password
     if store_password is not None:
@@ -502,6 +525,7 @@ def compile_config(cfg: GuardConfig, source: str, env: Mapping[str, str]) -> Com
         cache_salt_secret=salt_secret,
         quota_store_password=store_password,
         spec=cfg,
+        file_spec=file_spec,
     )
 
 
@@ -586,6 +610,11 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
 
 
 def parse_config(text: str, source: str, env: Mapping[str, str]) -> CompiledConfig:
+    return compile_config(validate_config(text, source), source, env)
+
+
+def validate_config(text: str, source: str) -> GuardConfig:
+    """The file's text validated (nothing resolved or compiled yet)."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -596,7 +625,81 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> CompiledConf
         cfg = GuardConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
-    return compile_config(cfg, source, env)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Reloading
+
+RESTART_ONLY = (
+    "engine.* (max_num_seqs, the scheduler, upstreams, KV admission: they describe the "
+    "engine and vLLM's arguments), guard.* (listeners, timeouts, keys to vLLM, the quota "
+    "store), and which classes exist with which vllm_priority"
+)
+"""What a reload refuses to change (README: "Reloading the config")."""
+
+
+def reload_config(running: CompiledConfig, env: Mapping[str, str]) -> CompiledConfig:
+    """The file `running` was loaded from, read again for a running guard: tenants, keys
+    (`file:` read anew; `env:` from this process's environment, fixed at its start) and
+    limits, and class settings other than the classes themselves, compiled as `running`
+    runs (its `engine.scheduler`, its salt secret when the file sets none). Raises
+    `ConfigError` when the file does not validate, or changes something only a restart
+    applies (`RESTART_ONLY`): the error names each such key path."""
+    source = running.source
+    if source.startswith("<"):
+        raise ConfigError(f"{source}: the embedded default cannot change; nothing to reload")
+    try:
+        text = Path(source).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    spec = validate_config(text, source)
+    changed = restart_only_changes(running.file_spec or running.spec, spec)
+    if changed:
+        raise ConfigError(
+            f"{source}: not reloaded: {'; '.join(changed)}. These take a restart of vllm-guard "
+            "(and, for engine settings, a new engine); the running config stays in force."
+        )
+    run_as = spec
+    if running.file_spec is not None:  # run with the scheduler `serve` chose
+        engine = spec.engine.model_copy(update={"scheduler": running.spec.engine.scheduler})
+        run_as = spec.model_copy(update={"engine": engine})
+    salt = None if spec.guard.cache_salt_secret else running.cache_salt_secret
+    return compile_config(
+        run_as,
+        source,
+        env,
+        cache_salt_secret=salt,
+        file_spec=spec if running.file_spec is not None else None,
+    )
+
+
+def restart_only_changes(old: GuardConfig, new: GuardConfig) -> list[str]:
+    """What differs between two files in the keys only a restart applies, one entry per
+    key path (values shown except for secret fields)."""
+    changes = []
+    for section in ("engine", "guard"):
+        before, after = getattr(old, section), getattr(new, section)
+        for name in type(before).model_fields:
+            a, b = getattr(before, name), getattr(after, name)
+            if a != b:
+                shown = "" if name in _SECRET_FIELDS else f" ({_short(a)} -> {_short(b)})"
+                changes.append(f"{section}.{name} changed{shown}")
+    added = [c for c in new.classes if c not in old.classes]
+    removed = [c for c in old.classes if c not in new.classes]
+    parts = [
+        f"{verb} {', '.join(names)}"
+        for verb, names in (("added", added), ("removed", removed))
+        if names
+    ]
+    if parts:
+        changes.append(f"classes {' and '.join(parts)}")
+    for name in old.classes:
+        if name in new.classes:
+            a, b = old.classes[name].vllm_priority, new.classes[name].vllm_priority
+            if a != b:
+                changes.append(f"classes.{name}.vllm_priority changed ({a} -> {b})")
+    return changes
 
 
 _SECRET_FIELDS = frozenset(

@@ -219,3 +219,67 @@ async def test_tls_with_a_private_ca():
         with pytest.raises(StoreDown):
             await doubting.reserve(keys, doubting.new_id(), 1)
         await doubting.close()
+
+
+def _state(redis_url: str, tenant: str = "acme") -> dict[str, float]:
+    import redis as sync_redis
+
+    raw = sync_redis.Redis.from_url(redis_url).hgetall(f"vllm-guard:{{{tenant}}}:buckets")
+    return {k.decode(): float(v) for k, v in raw.items()}
+
+
+async def test_replicas_with_different_limits_never_corrupt_each_others_buckets(stores, redis_url):
+    """Mid-rollout (or mid-reload) replicas pass different limits for one tenant: each
+    reservation is settled on exactly the buckets it was charged on, so no hold is left
+    behind and nothing is refunded that was never charged."""
+    with_tokens = Limits(requests_per_minute=10, tokens_per_minute=1000)
+    requests_only = Limits(requests_per_minute=20)
+    a, b = stores[0], stores[1]
+    keys_a, keys_b = a.keys_for("acme", with_tokens), b.keys_for("acme", requests_only)
+    ra, rb = a.new_id(), b.new_id()
+    assert (await a.reserve(keys_a, ra, 300)).granted
+    assert (await b.reserve(keys_b, rb, 0)).granted
+    # Each settles the other's way: A's request under B's limits (a reload dropped the
+    # token limit), B's under A's (a reload added it).
+    await a.settle(keys_b, ra, 100, sent=True)
+    await b.settle(keys_a, rb, 0, sent=True)
+    state = _state(redis_url)
+    assert state[f"{TOKENS_MINUTE}:r"] == 0  # A's hold went back...
+    assert state[f"{TOKENS_MINUTE}:l"] == pytest.approx(900, abs=2)  # ...and it paid 100
+    assert state[f"{REQUESTS}:r"] == 0
+    # B's request was never charged tokens: settling it under A's limits refunded none.
+    reply = await a.check(keys_a, 0)
+    levels = dict(zip([d for d, _, _ in keys_a.dimensions], reply.levels, strict=True))
+    assert levels[TOKENS_MINUTE] == pytest.approx(900, abs=2)
+    assert reply.in_flight == 0
+
+
+async def test_a_dead_replicas_lease_expires_on_its_own_dimensions(redis_url):
+    dead = RedisQuotaStore(redis_url, lease_s=1.0)
+    other = RedisQuotaStore(redis_url, lease_s=1.0)
+    try:
+        with_tokens = Limits(tokens_per_minute=1000, max_concurrent=5)
+        rid = dead.new_id()
+        assert (await dead.reserve(dead.keys_for("acme", with_tokens), rid, 400)).granted
+        await asyncio.sleep(1.5)  # the lease runs out; the other replica has no token limit
+        requests_only = other.keys_for("acme", Limits(requests_per_minute=10, max_concurrent=5))
+        assert (await other.check(requests_only, 0)).in_flight == 0
+        state = _state(redis_url)
+        assert state[f"{TOKENS_MINUTE}:r"] == 0  # its hold is gone: charged whole
+        assert state[f"{TOKENS_MINUTE}:l"] == pytest.approx(600, abs=30)
+    finally:
+        await dead.close()
+        await other.close()
+
+
+async def test_a_top_up_under_other_limits_asks_for_a_new_reservation(stores):
+    store = stores[0]
+    old, new = (
+        store.keys_for("acme", Limits(tokens_per_minute=1000)),
+        store.keys_for("acme", Limits(tokens_per_minute=1000, tokens_per_day=50_000)),
+    )
+    rid = store.new_id()
+    assert (await store.reserve(old, rid, 100)).granted
+    reply = await store.top_up(new, rid, 50)
+    assert not reply.granted and reply.denied is None  # as for an expired one
+    assert (await store.top_up(old, rid, 50)).granted

@@ -470,3 +470,26 @@ def test_a_ticket_goes_to_the_engine_it_prefers_while_that_one_has_room(config):
     third = adm.enter(batch, 0.0, affinity=1)[1]
     assert third.engine == 0  # 1 free there, 3 on engine 0: too crowded
     assert adm.enter(batch, 0.0)[1].engine == 0  # no preference: the roomiest
+
+
+def test_a_reload_applies_new_class_limits_and_waiters_keep_their_deadlines(config):
+    adm, _, batch = _setup(config)  # S=4, interactive reserves 1: batch has 3 slots
+    held = [adm.enter(batch, 0.0)[1] for _ in range(3)]
+    _, early = adm.enter(batch, 0.0)  # waits until 60 (batch max_wait_s)
+    shorter = parse_config(
+        BASE_CONFIG.replace("max_wait_s: 60", "max_wait_s: 10").replace(
+            "reserved_seqs: 1", "reserved_seqs: 2"
+        ),
+        "test.yaml",
+        KEYS,
+    )
+    new_inter, new_batch = shorter.classes
+    assert adm.reconfigure(shorter.classes) == []
+    _, late = adm.enter(new_batch, 5.0)  # arrives later, under the new wait: until 15
+    assert adm.next_deadline(new_batch) == 15.0
+    assert adm.expire(15.0) == [late]  # on time, though an older ticket waits longer
+    assert early.state is TicketState.WAITING
+    # Batch now has 2 slots: a release with 3 running admits nobody.
+    assert adm.release(held[0], 16.0) == []
+    assert adm.release(held[1], 16.0) == [early]
+    assert adm.enter(new_inter, 16.0)[0] is Decision.ADMITTED  # interactive's 2 reserved

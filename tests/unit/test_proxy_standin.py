@@ -291,7 +291,7 @@ def test_a_drain_answers_queued_requests_at_once_with_a_json_503(tmp_path):
             assert after_s < 2.0
 
 
-def test_sighup_does_not_end_the_guard_or_its_streams(tmp_path):
+def test_sighup_reloads_without_ending_the_guard_or_its_streams(tmp_path):
     with _guard_process(tmp_path, ONE_SLOT, mode="slow") as (port, log, proc, _engine):
         url = f"http://127.0.0.1:{port}/v1/completions"
         body = {"model": "tiny", "prompt": "hi", "max_tokens": 4, "stream": True}
@@ -306,7 +306,52 @@ def test_sighup_does_not_end_the_guard_or_its_streams(tmp_path):
         time.sleep(0.5)
         assert proc.poll() is None, log.read_text()[-2000:]
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
-        assert "SIGHUP" in log.read_text()
+        assert "reloaded: nothing changed" in log.read_text()
+
+
+def _reload(pid: int) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "vllm_guard", "reload", "--pid", str(pid), "--timeout", "10"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+
+
+def test_the_reload_command_applies_a_file_or_says_why_it_kept_the_old_one(tmp_path):
+    with _guard_process(tmp_path, ONE_SLOT, mode="ok") as (port, _log, proc, _engine):
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
+        etl = {"authorization": "Bearer etl-secret"}
+        assert httpx.post(url, json=body, headers=etl, timeout=10).status_code == 401
+        config = tmp_path / "limits.yaml"
+        added = ONE_SLOT + '  nightly-etl: {class: interactive, api_keys: ["env:ETL_KEY"]}\n'
+        config.write_text(added)
+        done = _reload(proc.pid)
+        assert done.returncode == 0, done.stderr
+        assert "tenants added: nightly-etl" in done.stdout
+        assert httpx.post(url, json=body, headers=etl, timeout=10).status_code == 200
+
+        config.write_text(added.replace("max_queue: 100", "max_queue: -1"))
+        done = _reload(proc.pid)
+        assert done.returncode == 1
+        assert "classes.interactive.max_queue" in done.stderr
+        config.write_text(added.replace("max_num_seqs: 1", "max_num_seqs: 2"))
+        done = _reload(proc.pid)
+        assert done.returncode == 1
+        assert "engine.max_num_seqs changed (1 -> 2)" in done.stderr
+        # The last good file still rules.
+        assert httpx.post(url, json=body, headers=etl, timeout=10).status_code == 200
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert 'vllm_guard_config_reloads_total{result="failed"} 2.0' in metrics
+        assert "vllm_guard_config_last_reload_successful 0.0" in metrics
+        assert proc.poll() is None
+
+    # Not a vllm-guard: refused before any signal is sent.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        done = _reload(other.pid)
+        assert done.returncode == 2 and "is not vllm-guard" in done.stderr
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
 
 
 @pytest.mark.parametrize("where", ["flag", "config"])

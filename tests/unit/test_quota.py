@@ -255,11 +255,22 @@ def test_go_durations_like_openai(seconds, text):
 def test_a_changed_limit_clips_the_bucket_and_never_refills_it():
     bucket = TokenBucket(600, 10, now=0.0)
     bucket.reserve(100, 0.0)
-    bucket.set_limit(300, 5, now=0.0)  # lower: clipped to the new capacity
-    assert (bucket.capacity, bucket.rate, bucket.level) == (300, 5, 300)
+    # Lower: clipped so that the level and the open reservation fit the new capacity (the
+    # promise at completion: what runs now counts against it).
+    bucket.set_limit(300, 5, now=0.0)
+    assert (bucket.capacity, bucket.rate, bucket.level) == (300, 5, 200)
     assert bucket.reserved == 100  # the open reservation stays
     bucket.set_limit(1000, 20, now=0.0)  # higher: not refilled by the change
-    assert bucket.level == 300
+    assert bucket.level == 200
+    bucket.set_limit(50, 1, now=0.0)  # below what is held: in debt until it is settled
+    assert bucket.level == -50
+    bucket.settle(100, 100, now=0.0)
+    assert (bucket.level, bucket.reserved) == (-50, 0)
+    bucket.clip(120)
+    assert bucket.level == -50
+    bucket.set_limit(300, 5, now=0.0)
+    bucket.refill(now=34.0)  # 5/s pays the debt off, then fills
+    assert bucket.level == 120
     bucket.clip(120)
     assert bucket.level == 120
     bucket.clip(500)  # clipping never raises the level

@@ -50,7 +50,6 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
-from collections import deque
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -121,18 +120,19 @@ class ClassStats(NamedTuple):
 
 
 class _ClassState:
-    """One class's waiters: a heap in fair-queueing order (admission) and a deque in
-    arrival order (expiry: deadlines are arrival + the class's max_wait_s). Tickets that
-    left (admitted, cancelled, expired) are dropped from either lazily."""
+    """One class's waiters: a heap in fair-queueing order (admission) and a heap by
+    deadline (expiry; deadlines are arrival + the `max_wait_s` the class had then, which a
+    reload may change). Tickets that left (admitted, cancelled, expired) are dropped from
+    either lazily."""
 
-    __slots__ = ("arrivals", "finish", "heap", "in_flight", "seq", "spec", "vtime", "waiting")
+    __slots__ = ("deadlines", "finish", "heap", "in_flight", "seq", "spec", "vtime", "waiting")
 
     def __init__(self, spec: PriorityClass) -> None:
         self.spec = spec
         self.in_flight = 0
         self.waiting = 0
         self.heap: list[tuple[float, int, Ticket]] = []
-        self.arrivals: deque[Ticket] = deque()
+        self.deadlines: list[tuple[float, int, Ticket]] = []
         self.vtime = 0.0
         self.finish: dict[str, float] = {}
         self.seq = itertools.count()
@@ -146,8 +146,9 @@ class _ClassState:
         ticket.start = max(self.vtime, self.finish.get(tenant, 0.0))
         ticket.finish = ticket.start + ticket.cost / ticket.weight
         self.finish[tenant] = ticket.finish
-        heapq.heappush(self.heap, (ticket.finish, next(self.seq), ticket))
-        self.arrivals.append(ticket)
+        seq = next(self.seq)
+        heapq.heappush(self.heap, (ticket.finish, seq, ticket))
+        heapq.heappush(self.deadlines, (ticket.deadline, seq, ticket))
         self.waiting += 1
 
     def head(self) -> Ticket | None:
@@ -169,12 +170,14 @@ class _ClassState:
         if len(self.heap) > 2 * self.waiting + 64:
             self.heap = [e for e in self.heap if e[2].state is TicketState.WAITING]
             heapq.heapify(self.heap)
-        self.drop_gone_arrivals()
+            self.deadlines = [e for e in self.deadlines if e[2].state is TicketState.WAITING]
+            heapq.heapify(self.deadlines)
+        self.drop_gone_deadlines()
 
-    def drop_gone_arrivals(self) -> None:
-        q = self.arrivals
-        while q and q[0].state is not TicketState.WAITING:
-            q.popleft()
+    def drop_gone_deadlines(self) -> None:
+        q = self.deadlines
+        while q and q[0][2].state is not TicketState.WAITING:
+            heapq.heappop(q)
 
 
 class KvState:
@@ -307,6 +310,14 @@ class Admission:
         self.engines[engine].up = up
         return self.dispatch() if up else []
 
+    def reconfigure(self, classes: Iterable[PriorityClass]) -> list[Ticket]:
+        """New class settings (a config reload; the same classes, by rank): slot and KV
+        limits, queue sizes and waits apply from now; tickets already waiting keep their
+        deadlines, admitted ones their slots. Returns the waiters the new limits admit."""
+        for spec in classes:
+            self._by_rank[spec.rank].spec = spec
+        return self.dispatch()
+
     @property
     def kv_known(self) -> bool:
         """Some engine's KV capacity is known (KV admission applies)."""
@@ -350,10 +361,9 @@ class Admission:
         """Remove and return every waiting ticket whose deadline has passed."""
         expired: list[Ticket] = []
         for state in self._classes:
-            q = state.arrivals
-            # max_wait_s is per class, so deadlines are in arrival order within a class.
-            while q and q[0].deadline <= now:
-                ticket = q.popleft()
+            q = state.deadlines
+            while q and q[0][0] <= now:
+                ticket = heapq.heappop(q)[2]
                 if ticket.state is not TicketState.WAITING:
                     continue
                 ticket.state = TicketState.EXPIRED
@@ -366,8 +376,8 @@ class Admission:
     def next_deadline(self, priority_class: PriorityClass) -> float | None:
         """When the head of this class's queue times out; None if the queue is empty."""
         state = self._by_rank[priority_class.rank]
-        state.drop_gone_arrivals()
-        return state.arrivals[0].deadline if state.arrivals else None
+        state.drop_gone_deadlines()
+        return state.deadlines[0][0] if state.deadlines else None
 
     # -- inspection ------------------------------------------------------------------
 
@@ -452,7 +462,7 @@ class Admission:
                 ticket = state.pop_head()
                 self._take(state, ticket, engine)
                 admitted.append(ticket)
-            state.drop_gone_arrivals()
+            state.drop_gone_deadlines()
             if state.waiting:
                 # Strict priority: this class is blocked (the engine is full for it and so
                 # for every less urgent class), so nobody below may overtake it.

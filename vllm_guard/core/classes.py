@@ -52,3 +52,5 @@ class Tenant:
     weight: float = 1.0
     share_prefix_cache: bool = False
     """No tenant-own `cache_salt`: shares vLLM's cached prefixes with other such tenants."""
+    shadow: bool = False
+    """Limits charged as if enforced but never refusing or delaying (shadow mode)."""

@@ -83,12 +83,13 @@ class TokenBucket:
         self.reserved += cost
 
     def set_limit(self, capacity: float, rate: float, now: float) -> None:
-        """Change the limit in place: open reservations stay, the level is clipped to the
-        new capacity and never raised by the change."""
+        """Change the limit in place: open reservations stay, and the level is clipped so
+        that it and they fit the new capacity (below zero where they alone exceed it: new
+        requests wait until they are settled or refill pays it), never raised."""
         self.refill(now)
         self.capacity = capacity
         self.rate = rate
-        self.level = min(self.level, capacity)
+        self.level = min(self.level, capacity - self.reserved)
 
     def clip(self, level: float) -> None:
         """Lower the level to `level` if it is above (e.g. what a server says is left)."""
@@ -139,18 +140,26 @@ class Denied(NamedTuple):
     retry_after_s: float
 
 
+Buckets = tuple[tuple[str, TokenBucket], ...]
+"""A tenant's buckets by dimension, as one immutable value (a reservation keeps it)."""
+
+
 class Reservation:
     """What a request was charged; settle it exactly once. `quota`: the store that holds it
     (a shared store's requests may fall back to local buckets); `id`: its name in a shared
-    store."""
+    store; `buckets`: the buckets it was charged on (a reload may add or drop some since:
+    it is settled on exactly these)."""
 
-    __slots__ = ("id", "quota", "settled", "tokens")
+    __slots__ = ("buckets", "id", "quota", "settled", "tokens")
 
-    def __init__(self, quota: object, tokens: int, id: str = "") -> None:
+    def __init__(
+        self, quota: object, tokens: int, id: str = "", buckets: Buckets | None = None
+    ) -> None:
         self.quota = quota
         self.tokens = tokens
         self.settled = False
         self.id = id
+        self.buckets = buckets
 
 
 class Snapshot(NamedTuple):
@@ -184,25 +193,51 @@ class QuotaStore(Protocol):
 
     def snapshot(self, now: float) -> Snapshot: ...
 
+    def reconfigure(self, limits: Limits, now: float) -> None: ...
+
+    def force_reserve(self, tokens: int, now: float) -> Reservation: ...
+
+    def force_top_up(self, reservation: Reservation, tokens: int, now: float) -> None: ...
+
 
 class TenantQuota:
     """A `QuotaStore` in this process's memory."""
 
     def __init__(self, limits: Limits, now: float) -> None:
         self.limits = limits
-        burst = limits.burst or {}
         self.buckets: dict[str, TokenBucket] = {}
+        self._charged: Buckets = ()
+        self.in_flight = 0
+        self.reconfigure(limits, now)
+
+    def reconfigure(self, limits: Limits, now: float) -> None:
+        """New limits (a config reload): a bucket whose dimension stays keeps its state and
+        its open reservations, clipped to its new capacity and never refilled by the change;
+        a new dimension's bucket starts full; a dropped one is gone (requests charged on it
+        settle there, harmlessly). The concurrency count stays."""
+        burst = limits.burst or {}
+        buckets: dict[str, TokenBucket] = {}
         for dim in (REQUESTS, TOKENS_MINUTE, TOKENS_DAY):
             limit = getattr(limits, dim)
-            if limit is not None:
-                capacity = burst.get(dim, limit)
-                self.buckets[dim] = TokenBucket(capacity, limit / PERIOD_S[dim], now)
-        self.in_flight = 0
+            if limit is None:
+                continue
+            capacity, rate = burst.get(dim, limit), limit / PERIOD_S[dim]
+            bucket = self.buckets.get(dim)
+            if bucket is None:
+                bucket = TokenBucket(capacity, rate, now)
+            else:
+                bucket.set_limit(capacity, rate, now)
+            buckets[dim] = bucket
+        self.limits = limits
+        self.buckets = buckets
+        self._charged = tuple(buckets.items())
 
-    def _costs(self, tokens: int) -> list[tuple[str, TokenBucket, float]]:
+    def _costs(
+        self, tokens: int, charged: Buckets | None = None
+    ) -> list[tuple[str, TokenBucket, float]]:
         return [
             (dim, bucket, 1.0 if dim == REQUESTS else float(tokens))
-            for dim, bucket in self.buckets.items()
+            for dim, bucket in (self._charged if charged is None else charged)
         ]
 
     def check(self, tokens: int, now: float) -> Denied | None:
@@ -227,21 +262,37 @@ class TenantQuota:
         denied = self.check(tokens, now)
         if denied is not None:
             return denied
+        return self.force_reserve(tokens, now)
+
+    def force_reserve(self, tokens: int, now: float) -> Reservation:
+        """Charge one request whether or not the buckets can pay (into debt, past the
+        concurrency limit): shadow mode's charge for a request enforcement would have made
+        wait, which refill then pays off as that wait would have."""
         for _, bucket, cost in self._costs(tokens):
             bucket.reserve(cost, now)
         self.in_flight += 1
-        return Reservation(self, tokens)
+        return Reservation(self, tokens, buckets=self._charged)
 
     def top_up(self, reservation: Reservation, tokens: int, now: float) -> bool:
         """Add `tokens` to an open reservation on every token bucket at once, or on none
         (False: some bucket cannot pay them now). The request was counted already."""
-        costs = [(b, float(c)) for d, b, c in self._costs(tokens) if d != REQUESTS]
+        costs = self._token_costs(reservation, tokens)
         if any(bucket.wait_s(cost, now) > 0 for bucket, cost in costs):
             return False
-        for bucket, cost in costs:
+        self.force_top_up(reservation, tokens, now)
+        return True
+
+    def force_top_up(self, reservation: Reservation, tokens: int, now: float) -> None:
+        """`top_up` whether or not the buckets can pay (shadow mode; see `force_reserve`)."""
+        for bucket, cost in self._token_costs(reservation, tokens):
             bucket.reserve(cost, now)
         reservation.tokens += tokens
-        return True
+
+    def _token_costs(
+        self, reservation: Reservation, tokens: int
+    ) -> list[tuple[TokenBucket, float]]:
+        charged = self._costs(tokens, reservation.buckets)
+        return [(b, c) for d, b, c in charged if d != REQUESTS]
 
     def settle(
         self, reservation: Reservation, used_tokens: int, now: float, sent: bool = True
@@ -255,7 +306,7 @@ class TenantQuota:
         reservation.settled = True
         self.in_flight -= 1
         used = used_tokens if sent else 0
-        for dim, bucket, cost in self._costs(reservation.tokens):
+        for dim, bucket, cost in self._costs(reservation.tokens, reservation.buckets):
             if dim == REQUESTS:
                 bucket.settle(cost, 1.0 if sent else 0.0, now)
             else:

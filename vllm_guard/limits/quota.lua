@@ -3,7 +3,8 @@
 -- atomically in Redis on Redis's own clock.
 --
 -- KEYS[1] hash  buckets: "<dim>:l" level, "<dim>:r" reserved, "<dim>:u" updated (s)
--- KEYS[2] hash  open reservations: id -> tokens
+-- KEYS[2] hash  open reservations: id -> tokens, and id .. "#" -> the dimensions it was
+--               charged on (a reload, or a replica with another file, may pass others)
 -- KEYS[3] zset  concurrency leases: id -> expiry (s, Redis time)
 -- ARGV: op, id, tokens, lease_s, max_concurrent (-1: none), n, then n times
 --       (dimension, capacity, rate per s, "r" for the requests dimension or "t"), then
@@ -39,7 +40,8 @@ for i = 0, n - 1 do
   d.level = tonumber(v[1]) or tonumber(ARGV[7 + n * 4 + i]) or d.cap
   d.reserved = tonumber(v[2]) or 0
   local updated = tonumber(v[3]) or now
-  d.level = math.min(d.level, d.cap)  -- a lowered limit clips, never refills
+  -- A lowered limit clips (level and holds fit the capacity), never refills
+  d.level = math.min(d.level, d.cap - d.reserved)
   if now > updated then
     d.level = math.max(d.level, math.min(d.cap - d.reserved, d.level + (now - updated) * d.rate))
   end
@@ -51,17 +53,49 @@ local function settle(d, reserved, used)
   d.level = d.level + reserved - used
 end
 
+local by_name, names = {}, {}
+for _, d in ipairs(dims) do
+  by_name[d.name] = d
+  names[#names + 1] = d.name
+end
+local charged_on = table.concat(names, ',')
+
+-- End reservation `rid` of `held` tokens that used `req_used` requests and `tok_used`
+-- tokens, on the dimensions it was charged on: those the caller passed settle as above;
+-- any other (the caller's limits differ from the ones it was made under) gets its hold
+-- back and its use taken directly on the stored fields.
+local function release(rid, held, req_used, tok_used)
+  local recorded = redis.call('HGET', KEYS[2], rid .. '#') or charged_on
+  for name in string.gmatch(recorded, '[^,]+') do
+    local per_request = name == 'requests_per_minute'
+    local cost = per_request and 1 or held
+    local used = per_request and req_used or tok_used
+    local d = by_name[name]
+    if d then
+      settle(d, cost, used)
+    else
+      local v = redis.call('HMGET', KEYS[1], name .. ':l', name .. ':r')
+      if v[2] then
+        redis.call('HSET', KEYS[1], name .. ':l', num(tonumber(v[1]) + cost - used),
+                   name .. ':r', num(math.max(0, tonumber(v[2]) - cost)))
+      end
+    end
+  end
+  redis.call('HDEL', KEYS[2], rid, rid .. '#')
+  redis.call('ZREM', KEYS[3], rid)
+end
+
+local function record(rid, held)
+  redis.call('HSET', KEYS[2], rid, num(held), rid .. '#', charged_on)
+  redis.call('ZADD', KEYS[3], now + lease_s, rid)
+end
+
 -- Leases of replicas that stopped renewing: their requests count as having used all
 -- they reserved (nobody can say less), and their concurrency frees.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
 for _, gone in ipairs(expired) do
   local held = tonumber(redis.call('HGET', KEYS[2], gone) or '0')
-  for _, d in ipairs(dims) do
-    local cost = d.per_request and 1 or held
-    settle(d, cost, cost)
-  end
-  redis.call('HDEL', KEYS[2], gone)
-  redis.call('ZREM', KEYS[3], gone)
+  release(gone, held, 1, held)
 end
 
 local function cost_of(d, amount)
@@ -98,13 +132,14 @@ if op == 'check' or op == 'reserve' then
         d.level = d.level - cost
         d.reserved = d.reserved + cost
       end
-      redis.call('HSET', KEYS[2], id, num(tokens))
-      redis.call('ZADD', KEYS[3], now + lease_s, id)
+      record(id, tokens)
       granted = 1
     end
   end
 elseif op == 'top_up' then
-  if redis.call('HEXISTS', KEYS[2], id) == 1 then
+  -- Only on the dimensions it was charged on (else the caller reserves anew).
+  local recorded = redis.call('HGET', KEYS[2], id .. '#') or charged_on
+  if redis.call('HEXISTS', KEYS[2], id) == 1 and recorded == charged_on then
     worst, wait = refusal(tokens, true)
     if worst == '' then
       for _, d in ipairs(dims) do
@@ -136,8 +171,7 @@ elseif op == 'catchup' then
         if not fresh then d.level = d.level - cost end
         d.reserved = d.reserved + cost
       end
-      redis.call('HSET', KEYS[2], rid, num(held))
-      redis.call('ZADD', KEYS[3], now + lease_s, rid)
+      record(rid, held)
     end
   end
   granted = 1
@@ -146,13 +180,7 @@ elseif op == 'settle' then
   if not sent then id = string.sub(id, 2) end
   local held = redis.call('HGET', KEYS[2], id)
   if held then  -- else settled already, or expired (and charged whole)
-    held = tonumber(held)
-    for _, d in ipairs(dims) do
-      if d.per_request then settle(d, 1, sent and 1 or 0)
-      else settle(d, held, sent and tokens or 0) end
-    end
-    redis.call('HDEL', KEYS[2], id)
-    redis.call('ZREM', KEYS[3], id)
+    release(id, tonumber(held), sent and 1 or 0, sent and tokens or 0)
     granted = 1
   end
 end

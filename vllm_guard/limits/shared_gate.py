@@ -79,6 +79,7 @@ class SharedQuotaGate:
         """`on_delay(dimension)`: a request has to wait; `on_fallback(posture)`: a request
         was decided by `on_store_down` because Redis could not be reached."""
         self.store = store
+        self.tenant = tenant
         self.keys = store.keys_for(tenant, limits)
         self._limits = limits
         self.posture = on_store_down
@@ -113,6 +114,20 @@ class SharedQuotaGate:
     @property
     def waiting(self) -> int:
         return self._live + self.local.waiting
+
+    def reconfigure(self, limits: Limits, on_store_down: str) -> None:
+        """New limits (a config reload), from this replica's next call on. Redis keeps each
+        running request's reservation on the dimensions it was charged on (the script
+        records them), so a dimension added or dropped never leaves a hold or a refund
+        behind; its buckets are clipped to a lowered capacity, never refilled."""
+        if limits != self._limits:
+            self.keys = self.store.keys_for(self.tenant, limits)
+            self._levels = None  # they were in the old dimensions' order
+            self._seed_next = ()
+            self._local_quota.reconfigure(split_limits(limits, self._replicas), self._clock.now())
+            self._limits = limits
+        self.posture = "reject" if on_store_down == "reject" else "local"
+        self._kick.set()  # the head asks again under the new limits
 
     # -- reserve ----------------------------------------------------------------------------
 

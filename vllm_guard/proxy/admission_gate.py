@@ -45,7 +45,7 @@ class Gate:
         self.draining = False
         self._drain_retry_after_s = drain_retry_after_s
         self._clock = clock or LoopClock()
-        self._timers: dict[int, TimerHandle] = {}
+        self._timers: dict[int, tuple[float, TimerHandle]] = {}  # rank -> (when, timer)
 
     async def acquire(
         self,
@@ -103,13 +103,17 @@ class Gate:
         return Refused(reason, priority_class, min(max(guess, 1.0), 60.0))
 
     def _arm(self, priority_class: PriorityClass) -> None:
-        if priority_class.rank in self._timers:
-            return
+        """The class's timer at its earliest deadline (earlier than the one armed: a
+        reload shortened `max_wait_s`)."""
+        rank = priority_class.rank
         deadline = self.admission.next_deadline(priority_class)
-        if deadline is not None:
-            self._timers[priority_class.rank] = self._clock.call_at(
-                deadline, self._on_timer, priority_class
-            )
+        armed = self._timers.get(rank)
+        if deadline is None or (armed is not None and armed[0] <= deadline):
+            return
+        if armed is not None:
+            armed[1].cancel()
+        timer = self._clock.call_at(deadline, self._on_timer, priority_class)
+        self._timers[rank] = (deadline, timer)
 
     def _on_timer(self, priority_class: PriorityClass) -> None:
         del self._timers[priority_class.rank]
@@ -118,6 +122,10 @@ class Gate:
             _wake(ticket)  # the waiter sees EXPIRED and raises
         self.wake(self.admission.dispatch())
         self._arm(priority_class)
+
+    def reconfigure(self, classes: Iterable[PriorityClass]) -> None:
+        """New class settings (a config reload): see `Admission.reconfigure`."""
+        self.wake(self.admission.reconfigure(classes))
 
     def wake(self, admitted: list[Ticket]) -> None:
         """Wake waiters the core admitted outside `release` (an engine update, an expiry)."""

@@ -13,13 +13,14 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from vllm_guard.config import CompiledConfig
+from vllm_guard.config import CompiledConfig, ConfigError, reload_config
 from vllm_guard.core.admission import Admission
 from vllm_guard.core.classes import Tenant
 from vllm_guard.core.quota import TenantQuota
@@ -32,6 +33,7 @@ from vllm_guard.proxy.clock import Clock, LoopClock
 from vllm_guard.proxy.generation import Generation
 from vllm_guard.proxy.metrics import GuardMetrics, LimitAction, render
 from vllm_guard.proxy.quota_gate import QuotaGate, TenantGate
+from vllm_guard.proxy.shadow import ShadowGate
 from vllm_guard.upstream.connections import (
     Upstream,
 )
@@ -114,9 +116,10 @@ class GuardApp:
         self.quota_store = _quota_store(config)
         if self.quota_store is not None:
             self.metrics.watch_quota_store(self.quota_store)
-        self.quota_gates = {
-            name: self._quota_gate(t) for name, t in config.tenants.items() if t.limits is not None
-        }
+        # Every tenant gate ever built, by tenant: a reload keeps a tenant's buckets (and a
+        # removed tenant's, should it come back); `quota_gates` has the configured ones.
+        self._gates: dict[str, TenantGate] = {}
+        self.quota_gates = self._tenant_gates(config)
         self._unavailable_headers = [
             (b"retry-after", str(config.guard.unavailable_retry_after_s).encode())
         ]
@@ -132,6 +135,31 @@ class GuardApp:
             self.clock,
         )
         self.engine = self.generation.engine  # ready while some engine is
+        self.reloads = 0  # successful reloads since start
+
+    # -- reload ---------------------------------------------------------------------------
+
+    def reload(self, env: Mapping[str, str] | None = None) -> CompiledConfig:
+        """Read the config file again and apply it (SIGHUP, `vllm-guard reload`): the new
+        rules for new requests, class limits recomputed, tenants' buckets kept and clipped
+        to changed limits; requests under way finish under the rules they arrived with.
+        Raises `ConfigError` and changes nothing when the file does not validate or changes
+        what needs a restart (`config.RESTART_ONLY`). Synchronous: nothing else runs on the
+        event loop between the first change and the last. `env`: for `env:` keys (this
+        process's environment, fixed at its start)."""
+        try:
+            config = reload_config(self.config, os.environ if env is None else env)
+        except ConfigError:
+            self.metrics.reloaded(False)
+            raise
+        self.metrics.bind_tenants(config)
+        self.quota_gates = self._tenant_gates(config)
+        self.gate.reconfigure(config.classes)
+        self.generation.use(config, self.quota_gates)
+        self.config = config
+        self.reloads += 1
+        self.metrics.reloaded(True)
+        return config
 
     # -- ASGI entry ---------------------------------------------------------------------
 
@@ -200,7 +228,7 @@ class GuardApp:
         """The server stops: requests waiting (for a slot or for their tenant's budget)
         get 503 shutting_down now, and so do new ones; admitted ones run on."""
         self.gate.drain()
-        for quota_gate in self.quota_gates.values():
+        for quota_gate in self._gates.values():  # a removed tenant's may still have waiters
             quota_gate.drain()
 
     def engine_sample(self, sample: EngineSample | None, engine: int = 0) -> None:
@@ -217,26 +245,54 @@ class GuardApp:
         """An engine went out of rotation (down, hung, refusing) or came back."""
         self.gate.wake(self.admission.set_up(engine, ready))
 
+    def _tenant_gates(self, config: CompiledConfig) -> dict[str, TenantGate]:
+        """The gate of each tenant with limits: the one it had (limits and posture updated
+        in place), or a new one; wrapped in a `ShadowGate` for tenants in shadow mode."""
+        gates: dict[str, TenantGate] = {}
+        for name, tenant in config.tenants.items():
+            limits = tenant.limits
+            if limits is None:
+                continue
+            gate = self._gates.get(name)
+            if gate is None:
+                gate = self._gates[name] = self._quota_gate(tenant)
+            else:
+                gate.reconfigure(limits, tenant.priority_class.on_store_down)
+            if tenant.shadow:
+                c = tenant.priority_class
+                on_shadow = self._shadowed_by(name)
+                gate = ShadowGate(gate, on_shadow, c.max_wait_s if c.wait_on_limit else 0.0)
+            gates[name] = gate
+        return gates
+
     def _quota_gate(self, tenant: Tenant) -> TenantGate:
         assert tenant.limits is not None
         delayed = self._delayed_by(tenant.name)
         if self.quota_store is None:
             # Buckets start full; the first refill (on the loop's clock) caps them.
             return QuotaGate(TenantQuota(tenant.limits, 0.0), delayed, self.clock)
-        class_name = tenant.priority_class.name
+        name = tenant.name
         return SharedQuotaGate(
             self.quota_store,
-            tenant.name,
+            name,
             tenant.limits,
             tenant.priority_class.on_store_down,  # type: ignore[arg-type]
             self.config.guard.replicas,
             delayed,
-            lambda posture: self.metrics.store_fallback(class_name, posture),
+            lambda posture: self.metrics.store_fallback(self._class_of(name), posture),
             self.clock,
         )
 
+    def _class_of(self, tenant: str) -> str:
+        """The tenant's class now (a removed tenant's last one is not known: the first)."""
+        t = self.config.tenants.get(tenant)
+        return (t.priority_class if t is not None else self.config.classes[0]).name
+
     def _delayed_by(self, tenant: str) -> Any:
         return lambda dimension: self.metrics.rate_limited(tenant, dimension, LimitAction.DELAYED)
+
+    def _shadowed_by(self, tenant: str) -> Any:
+        return lambda dimension: self.metrics.rate_limited(tenant, dimension, LimitAction.SHADOW)
 
     # -- simple paths -------------------------------------------------------------------
 
@@ -260,7 +316,7 @@ class GuardApp:
 
     async def _models(self, scope: Scope, send: Any) -> None:
         headers = dict(scope["headers"])
-        if self.generation.auth.tenant_for(headers.get(b"authorization")) is None:
+        if self.generation.rules.auth.tenant_for(headers.get(b"authorization")) is None:
             return await responses.UNAUTHORIZED.send(send)
         if not self.engine.ready:
             return await responses.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers)

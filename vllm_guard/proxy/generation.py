@@ -30,11 +30,9 @@ from vllm_guard.core.cost import (
 )
 from vllm_guard.engine.state import AnyEngine, EngineState
 from vllm_guard.proxy import responses
-from vllm_guard.proxy.admission_gate import Gate, Refused, refusal_responses, retry_after_header
-from vllm_guard.proxy.auth import Authenticator
+from vllm_guard.proxy.admission_gate import Gate, Refused, retry_after_header
 from vllm_guard.proxy.body import ParsedRequest, dump, parse_request
-from vllm_guard.proxy.cache_salt import CacheSalts
-from vllm_guard.proxy.charge import QuotaCharge, ratelimit_headers
+from vllm_guard.proxy.charge import ratelimit_headers
 from vllm_guard.proxy.classify import clamp_priority, resolve_class
 from vllm_guard.proxy.clock import Clock
 from vllm_guard.proxy.forward import Forwarder
@@ -49,6 +47,7 @@ from vllm_guard.proxy.request import (
     receive_body,
     watch_disconnect,
 )
+from vllm_guard.proxy.rules import Rules
 from vllm_guard.proxy.usage import RequestUsage, asked_for_usage
 from vllm_guard.upstream.connections import Upstream
 from vllm_guard.upstream.monitor import EngineMonitor
@@ -78,6 +77,7 @@ class Generation:
         monitor: EngineMonitor,
         clock: Clock,
     ) -> None:
+        """`config`: as loaded at start; what a reload changes is in `rules` (see `use`)."""
         self.config = config
         # Is there an engine to take it? Asked once per request.
         self.engine = engines[0] if len(engines) == 1 else AnyEngine(engines)
@@ -85,21 +85,22 @@ class Generation:
         self._engines = engines  # each upstream's state
         self.admission = admission
         self.gate = gate
-        self.quota_gates = quota_gates
         self.metrics = metrics
         self.monitor = monitor
         self.clock = clock
-        self.auth = Authenticator(config.key_digests, config.anonymous)
-        self.cache_salts = CacheSalts(config.cache_salt_secret, config.tenants.values())
+        self.rules = Rules(config, quota_gates, self.tokenize, metrics, clock)
         self._unavailable_headers = [
             (b"retry-after", str(config.guard.unavailable_retry_after_s).encode())
         ]
         self._too_large = responses.body_too_large(config.guard.max_body_bytes)
-        self.charge = QuotaCharge(config.tenants, self.tokenize, metrics, clock)
         self.forward = Forwarder(clock, self._unavailable_headers)
         self.waiting_bytes = 0  # bodies of requests not yet admitted (quota or queue)
         self._sessions: OrderedDict[tuple[str, bytes], int] = OrderedDict()
-        self._refusals = refusal_responses(config.classes)
+
+    def use(self, config: CompiledConfig, quota_gates: Mapping[str, TenantGate]) -> None:
+        """Serve new requests under a reloaded config (`config.reload_config`: only what a
+        reload may change differs); requests under way keep the rules they arrived with."""
+        self.rules = Rules(config, quota_gates, self.tokenize, self.metrics, self.clock)
 
     async def handle(self, scope: Scope, receive: Any, send: Any, path: str) -> None:
         """The stages in order; each answers and returns None when the request stops there."""
@@ -135,12 +136,13 @@ class Generation:
     async def _identify(self, send: Any, head: RequestHead, path: str) -> Request | None:
         """Auth (API key -> tenant), then the class (its own, or a less urgent one asked
         for), then: is the engine there to take it?"""
-        tenant = self.auth.tenant_for(head.authorization)
+        rules = self.rules  # this request's, to its end
+        tenant = rules.auth.tenant_for(head.authorization)
         if tenant is None:
             await responses.UNAUTHORIZED.send(send)
             return None
         self.metrics.request(tenant.name)
-        priority_class = resolve_class(tenant, head.class_header, self.config.classes_by_name)
+        priority_class = resolve_class(tenant, head.class_header, rules.config.classes_by_name)
         if isinstance(priority_class, responses.ErrorResponse):
             await priority_class.send(send)
             return None
@@ -148,7 +150,7 @@ class Generation:
             self.metrics.count(priority_class.name, Outcome.ENGINE_UNAVAILABLE)
             await responses.ENGINE_UNAVAILABLE.send(send, self._unavailable_headers)
             return None
-        return Request(path, tenant, priority_class, head.forwarded, self.clock.now())
+        return Request(path, tenant, priority_class, head.forwarded, self.clock.now(), rules)
 
     async def _read_body(self, send: Any, receive: Any, head: RequestHead, req: Request) -> bool:
         """The body: its size, JSON and fields as vLLM reads them; the class's priority; the
@@ -175,7 +177,7 @@ class Generation:
             await priority.send(send)
             return False
         payload["priority"] = priority
-        salt = self.cache_salts.for_request(req.tenant, payload.get("cache_salt"))
+        salt = req.rules.cache_salts.for_request(req.tenant, payload.get("cache_salt"))
         if isinstance(salt, responses.ErrorResponse):
             await salt.send(send)
             return False
@@ -188,7 +190,7 @@ class Generation:
         req.parsed = request
         # `arrived`: the guard has the whole request now (latency and quota-ms count from here).
         req.usage = RequestUsage(asked_for_usage(payload), self.clock.now())
-        req.quota = self.quota_gates.get(req.tenant.name)
+        req.quota = req.rules.quota_gates.get(req.tenant.name)
         counts_tokens = req.quota is not None and req.quota.limits.counts_tokens
         if counts_tokens and request.stream and not req.usage.wants_usage:
             # The guard settles with the stream's usage chunk (dropped before the client).
@@ -223,12 +225,12 @@ class Generation:
             return True
         parsed = req.parsed
         try:
-            charged = await self.charge(
+            charged = await req.rules.charge(
                 send, quota, req.tenant.name, req.path, parsed.payload, req.priority_class
             )
         except Refused as refused:  # the server drains, or the quota store is down
             retry_s = float(self.config.guard.unavailable_retry_after_s)
-            await self._refuse(send, Refused(refused.reason, refused.priority_class, retry_s))
+            await self._refuse(send, req, Refused(refused.reason, refused.priority_class, retry_s))
             return False
         if charged is None:
             return False  # refused (429 or 400), nothing held
@@ -262,7 +264,7 @@ class Generation:
                     priority_class, tenant.name, cost, tenant.weight, kv, parsed.sequences, affinity
                 )
             except Refused as refused:
-                return await self._refuse(send, refused)
+                return await self._refuse(send, req, refused)
             if session is not None:
                 self._remember(session, ticket.engine)
             self._stop_waiting(req.usage)
@@ -368,7 +370,7 @@ class Generation:
         limit = self.monitor.max_model_len
         return min(tokens, limit * parsed.sequences) if limit else tokens
 
-    async def _refuse(self, send: Any, refused: Refused) -> None:
+    async def _refuse(self, send: Any, req: Request, refused: Refused) -> None:
         name = refused.priority_class.name
         self.metrics.count(name, Outcome(refused.reason.value))
         retry_ms = int(refused.retry_after_s * 1000)
@@ -377,7 +379,7 @@ class Generation:
             (b"retry-after-ms", str(retry_ms).encode()),
             (CLASS_HEADER_OUT, refused.priority_class.header_value),
         ]
-        await self._refusals[name, refused.reason].send(send, headers)
+        await req.rules.refusals[name, refused.reason].send(send, headers)
 
     def _stop_waiting(self, usage: RequestUsage) -> None:
         """The request left the guard's waiting stages (admitted, refused or gone): its

@@ -16,6 +16,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -52,6 +53,7 @@ class LimitAction(enum.StrEnum):
 
     REJECTED = "rejected"
     DELAYED = "delayed"
+    SHADOW = "shadow"  # shadow mode: would have been rejected or delayed, served at once
 
 
 # LLM requests take from milliseconds (queue, first token) to minutes (long batch output).
@@ -264,27 +266,31 @@ class GuardMetrics:
             ["tenant", "dimension", "action"],
             registry=self.registry,
         )
-        tenant_requests = Counter(
+        self._tenant_requests_family = Counter(
             "vllm_guard_tenant_requests",
             "Generation requests by tenant (after authentication): the denominator of the "
             "rate-limit hit rate.",
             ["tenant"],
             registry=self.registry,
         )
-        self._tenant_requests = {t: tenant_requests.labels(t) for t in config.tenants}
-        # Every series a limited tenant can have, bound once and started at 0 (so rate()
-        # sees the first hit).
+        self._tenant_requests: dict[str, Any] = {}
         self._rate_limited_by: dict[tuple[str, str, str], Any] = {}
         self._tokens_by: dict[tuple[str, str], Any] = {}
-        for name, tenant in config.tenants.items():
-            if tenant.limits is None:
-                continue
-            for dim in tenant.limits.dimensions():
-                for action in LimitAction:
-                    key = (name, dim, action)
-                    self._rate_limited_by[key] = self._rate_limited.labels(*key)
-            for kind in ("charged", "used"):
-                self._tokens_by[name, kind] = self._tokens.labels(name, kind)
+        self.bind_tenants(config)
+        reloads = Counter(
+            "vllm_guard_config_reloads",
+            "Config reloads (SIGHUP, vllm-guard reload) by result: ok, or failed (the file "
+            "did not validate or changed what needs a restart; the old config stayed).",
+            ["result"],
+            registry=self.registry,
+        )
+        self._reloads = {result: reloads.labels(result) for result in ("ok", "failed")}
+        self._last_reload_ok = Gauge(
+            "vllm_guard_config_last_reload_successful",
+            "1 when the last config reload (or the start) succeeded, 0 when it failed.",
+            registry=self.registry,
+        )
+        self._last_reload_ok.set(1)
         names = [c.name for c in config.classes]
         self.outcome: dict[tuple[str, Outcome], Any] = {
             (name, outcome): requests.labels(name, outcome)
@@ -320,6 +326,28 @@ class GuardMetrics:
         plugin_file = scheduler_metrics_file or config.engine.scheduler_metrics_file
         if plugin_file is not None:
             self.registry.register(_SchedulerPluginCollector(Path(plugin_file)))
+
+    def bind_tenants(self, config: CompiledConfig) -> None:
+        """Every series the config's tenants can have, bound once and started at 0 (so
+        rate() sees the first hit); at a reload, those of new tenants and limits (a removed
+        tenant's stay: its requests under way still count)."""
+        for name, tenant in config.tenants.items():
+            if name not in self._tenant_requests:
+                self._tenant_requests[name] = self._tenant_requests_family.labels(name)
+            if tenant.limits is None:
+                continue
+            for dim in tenant.limits.dimensions():
+                for action in LimitAction:
+                    key = (name, dim, action)
+                    if key not in self._rate_limited_by:
+                        self._rate_limited_by[key] = self._rate_limited.labels(*key)
+            for kind in ("charged", "used"):
+                if (name, kind) not in self._tokens_by:
+                    self._tokens_by[name, kind] = self._tokens.labels(name, kind)
+
+    def reloaded(self, ok: bool) -> None:
+        self._reloads["ok" if ok else "failed"].inc()
+        self._last_reload_ok.set(1 if ok else 0)
 
     def failover(self, engine: int) -> None:
         self._failovers[engine].inc()

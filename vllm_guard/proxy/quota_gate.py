@@ -71,6 +71,11 @@ class TenantGate(Protocol):
 
     def drain(self) -> None: ...
 
+    def reconfigure(self, limits: Limits, on_store_down: str) -> None:
+        """New limits (a config reload): held reservations stay, buckets are clipped to
+        lowered capacities and never refilled by the change; waiters are asked again."""
+        ...
+
 
 class QuotaGate:
     def __init__(
@@ -96,6 +101,13 @@ class QuotaGate:
     @property
     def limits(self) -> Limits:
         return self.quota.limits
+
+    def now(self) -> float:
+        return self._clock.now()
+
+    def reconfigure(self, limits: Limits, on_store_down: str = "local") -> None:
+        self.quota.reconfigure(limits, self._clock.now())
+        self.wake()
 
     async def top_up(self, reservation: Reservation, tokens: int) -> bool:
         return self.quota.top_up(reservation, tokens, self._clock.now())
@@ -209,6 +221,11 @@ class QuotaGate:
                 continue
             result = self.quota.try_reserve(head.tokens, now)
             if isinstance(result, Reservation):
+                waiters.popleft()
+                head.future.set_result(result)
+                self._live -= 1
+                continue
+            if result.retry_after_s == math.inf:  # too large since a reload lowered a limit
                 waiters.popleft()
                 head.future.set_result(result)
                 self._live -= 1

@@ -5,7 +5,7 @@ limit, the watcher that notices its client leaving."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vllm_guard.core.classes import PriorityClass, Tenant
 from vllm_guard.core.cost import Estimate
@@ -15,6 +15,9 @@ from vllm_guard.proxy.classify import CLASS_HEADER
 from vllm_guard.proxy.quota_gate import TenantGate
 from vllm_guard.proxy.usage import RequestUsage
 from vllm_guard.upstream.connections import FORWARDED_REQUEST_HEADERS
+
+if TYPE_CHECKING:
+    from vllm_guard.proxy.rules import Rules
 
 CLASS_HEADER_OUT = b"x-vllm-guard-class"
 
@@ -63,7 +66,7 @@ class Request:
 
     __slots__ = (
         "body", "est", "forwarded", "guard_headers", "parsed", "path", "priority_class",
-        "quota", "reservation", "tenant", "usage",
+        "quota", "reservation", "rules", "tenant", "usage",
     )  # fmt: skip
 
     def __init__(
@@ -73,7 +76,10 @@ class Request:
         priority_class: PriorityClass,
         forwarded: list[tuple[bytes, bytes]],
         arrived: float,
+        rules: Rules,
     ) -> None:
+        """`rules`: the config's rules as the request found them; it keeps them to its end."""
+        self.rules = rules
         self.path = path
         self.tenant = tenant
         self.priority_class = priority_class

@@ -21,6 +21,7 @@ from vllm_guard.engine.state import EngineState, detect_scheduling_policy, poll_
 from vllm_guard.engine.watchdog import EngineWatchdog
 from vllm_guard.proxy.app import GuardApp
 from vllm_guard.proxy.http_server import protocol_class
+from vllm_guard.proxy.reload import ReloadStatus, reload_now
 from vllm_guard.upstream.connections import Upstream
 
 log = logging.getLogger("vllm_guard.proxy.server")
@@ -116,25 +117,22 @@ def _uvicorn_server(app: GuardApp, host: str, port: int) -> uvicorn.Server:
 
 
 @contextlib.contextmanager
-def _signals_for_uvicorn():
+def _signals_for_uvicorn(app: GuardApp):
     """uvicorn handles SIGINT/SIGTERM while serving (stop accepting, drain), then re-raises
     the signal into the handlers it found. Have those be no-ops, so the launcher still
-    stops vLLM after the drain instead of dying on the re-raised signal. SIGHUP, whose
-    default ends the process (a closed terminal, or an operator expecting a reload), is
-    logged and otherwise ignored."""
+    stops vLLM after the drain instead of dying on the re-raised signal. SIGHUP reloads
+    the config file (`GuardApp.reload`), reporting to `vllm-guard reload`."""
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, _on_sighup)
+    status = ReloadStatus()
+    loop.add_signal_handler(signal.SIGHUP, reload_now, app, status)
     try:
         yield
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
+        status.remove()
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def _on_sighup() -> None:
-    log.warning("SIGHUP ignored: vllm-guard does not reload its config; restart it to apply one")
 
 
 async def serve_with_vllm(
@@ -184,7 +182,7 @@ async def serve_with_vllm(
                     scheduler_metrics_file,
                 )
 
-    with _signals_for_uvicorn():
+    with _signals_for_uvicorn(app):
         await supervisor.start()
         assert supervisor.first_ready is not None
         supervisor.first_ready.add_done_callback(on_first_ready)
@@ -218,7 +216,7 @@ async def serve_proxy(config: CompiledConfig, upstream_urls: Sequence[str], list
         log.warning(
             "guarding %d engines: %s", len(upstreams), ", ".join(u.label for u in upstreams)
         )
-    with _signals_for_uvicorn():
+    with _signals_for_uvicorn(app):
         try:
             await _serve(server, listen)
         finally:

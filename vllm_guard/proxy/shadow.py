@@ -1,0 +1,99 @@
+"""Shadow mode: a tenant's limits watched, not enforced (`shadow: true`).
+
+`ShadowGate` wraps the tenant's own gate (the `TenantGate` protocol) and never makes a
+request wait or refuses it. Its buckets are charged as enforcement would charge them, so
+the refusals it counts are the ones enforcement would have made for the same traffic:
+
+- a request the buckets admit is charged and settled as usual;
+- one enforcement would refuse (its class rejects over a limit, or the wait would outlast
+  `max_wait_s`) is served at once and charged nothing, as a refused request is not;
+- one enforcement would make wait is served at once and charged now, into debt on the
+  in-process buckets (`TenantQuota.force_reserve`): refill pays the debt off exactly when
+  the wait would have ended, so the requests behind it see what they would have seen.
+  Redis has no debt: with the shared store such a request is served uncharged.
+
+Each would-be refusal or delay is counted once per request (`on_shadow(dimension)`: the
+`action="shadow"` series); the request carries the x-ratelimit-* headers it would have had.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vllm_guard.core.quota import (
+    REQUESTS,
+    TOKENS_DAY,
+    TOKENS_MINUTE,
+    Denied,
+    Limits,
+    Reservation,
+    Snapshot,
+)
+from vllm_guard.proxy.quota_gate import QuotaGate, TenantGate, worth_waiting
+
+
+class ShadowGate:
+    def __init__(
+        self, inner: TenantGate, on_shadow: Callable[[str], None], max_wait_s: float
+    ) -> None:
+        """`max_wait_s`: how long enforcement would let the tenant's requests wait for their
+        budget (0 for a class that rejects over a limit)."""
+        self.inner = inner
+        self.on_shadow = on_shadow
+        self.max_wait_s = max_wait_s
+
+    @property
+    def limits(self) -> Limits:
+        return self.inner.limits
+
+    @property
+    def waiting(self) -> int:
+        return 0
+
+    async def reserve(
+        self, tokens: int, max_wait_s: float, max_waiting: int = 1000
+    ) -> Reservation | Denied | object:
+        result = await self.inner.reserve(tokens, 0.0, max_waiting)
+        if not isinstance(result, Denied):
+            return result  # a reservation; or DRAINED / STORE_DOWN, as for anyone
+        self.on_shadow(result.dimension)
+        inner = self.inner
+        if worth_waiting(result, max_wait_s) and isinstance(inner, QuotaGate):
+            return inner.quota.force_reserve(tokens, inner.now())
+        return Reservation(self, tokens)  # served, charged nothing
+
+    async def top_up(self, reservation: Reservation, tokens: int) -> bool:
+        """Always True: the request is served whatever its counted prompt costs. Where the
+        buckets cannot pay it now, enforcement would give the hold back and wait for the
+        whole cost, or refuse it: a would-be delay is charged into debt (in-process
+        buckets), a would-be refusal gets its hold back whole."""
+        if reservation.quota is self or reservation.settled:
+            return True
+        if await self.inner.top_up(reservation, tokens):
+            return True
+        self.on_shadow(TOKENS_MINUTE if self.limits.tokens_per_minute else TOKENS_DAY)
+        inner = self.inner
+        if isinstance(inner, QuotaGate) and reservation.buckets is not None:
+            now = inner.now()
+            wait_s = max(
+                (b.wait_s(tokens, now) for d, b in reservation.buckets if d != REQUESTS),
+                default=0.0,
+            )
+            if wait_s <= self.max_wait_s:
+                inner.quota.force_top_up(reservation, tokens, now)
+                return True
+        inner.settle(reservation, 0, sent=False)
+        return True
+
+    def settle(self, reservation: Reservation, used_tokens: int, sent: bool = True) -> None:
+        if reservation.quota is not self:
+            self.inner.settle(reservation, used_tokens, sent)
+
+    def snapshot(self) -> Snapshot:
+        return self.inner.snapshot()
+
+    def drain(self) -> None:
+        self.inner.drain()
+
+    def reconfigure(self, limits: Limits, on_store_down: str) -> None:
+        self.inner.reconfigure(limits, on_store_down)
