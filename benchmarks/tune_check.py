@@ -95,13 +95,17 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "heaviest_batch_users": heaviest,
         "sweep": sweep["steps"],
         "recommendation": sweep["recommendation"],
+        "changes": sweep.get("changes", []),
         "before": before["steps"][0] | {"objective_met": before["objective_met"]},
         "after": after["steps"][0] | {"objective_met": after["objective_met"]},
     }
 
 
 def _markdown(result: dict[str, Any]) -> str:
-    a, rec = result["args"], result["recommendation"]
+    a = result["args"]
+    tuned = ", ".join(
+        f"`{'.'.join(path)}` **{value}**" for path, value, _ in result.get("changes", [])
+    )
     rows = []
     for name in ("before", "after"):
         r = result[name]
@@ -119,9 +123,7 @@ def _markdown(result: dict[str, Any]) -> str:
             f"(256-token completions, no think time); sweep steps {a['steps']}, "
             f"{a['step_s']:g} s each. Objective: interactive TTFT p95 ≤ {a['objective_ms']:g} ms.",
             "",
-            f"tune recommended: batch tenant max_concurrent **{rec['max_concurrent']}**, "
-            f"tokens_per_minute {rec['tokens_per_minute']}, interactive reserved_seqs "
-            f"**{rec['reserved_seqs']}** (sweep and plot: `report.md`, `tune.png`).",
+            f"tune tuned: {tuned} (sweep and plot: `report.md`, `tune.png`).",
             "",
             f"Re-measured at the heaviest load, {result['heaviest_batch_users']} batch users:",
             "",

@@ -199,14 +199,22 @@ def _add_tune_parser(sub: Any) -> None:
         help="Locust capacity sweep against a running stack; writes a tuned limits.yaml",
         description="Hold a fixed interactive load, ramp batch users step by step, record "
         "interactive TTFT, batch tokens/s, queue depths and KV use at each step, stop at the "
-        "knee, and write limits.yaml (batch tenant max_concurrent and tokens_per_minute, "
-        "interactive reserved_seqs) that keeps TTFT p95 under --objective-ms, with a report "
-        "and plots. --measure N runs one step at N batch users, to check tuned limits.",
+        "knee, and tune the whole --config from the best step that keeps TTFT p95 under "
+        "--objective-ms: every batch tenant's max_concurrent and tokens_per_minute (shares "
+        "by weight), the interactive class's reserved_seqs (not with the scheduler plugin), "
+        "and each class's max_queue from the measured drain rate. Writes limits.yaml (a "
+        "comment on each tuned line says what was measured), report.md and plots. "
+        "--measure N runs one step at N batch users, to check tuned limits.",
     )
     t.add_argument("--url", default="http://127.0.0.1:8000", help="the guard (default loopback)")
+    t.add_argument(
+        "--metrics-url",
+        help="where the guard serves /metrics (default: --url, on the config's "
+        "guard.metrics_port where it sets one)",
+    )
     t.add_argument("--config", type=Path, required=True, help="the limits file the stack runs")
     t.add_argument("--interactive-key", required=True, help="an interactive tenant's key")
-    t.add_argument("--batch-key", required=True, help="the batch tenant's key (to be tuned)")
+    t.add_argument("--batch-key", required=True, help="a batch tenant's key (its load is swept)")
     t.add_argument("--objective-ms", type=float, required=True, help="interactive TTFT p95 goal")
     t.add_argument("--interactive-users", type=int, default=4, help="fixed (default 4)")
     t.add_argument("--interactive-wait", default="0.2,0.5", help="think time min,max in s")

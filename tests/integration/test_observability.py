@@ -161,7 +161,16 @@ def test_every_dashboard_query_returns_data_and_a_provoked_alert_fires(stack, pr
         time.sleep(1)
     rules = httpx.get(prometheus + "/api/v1/rules", timeout=10).json()
     targets = httpx.get(prometheus + "/api/v1/targets", timeout=10).json()
-    assert firing, f"VllmGuardRateLimitHitRateHigh did not fire for metered: {rules} {targets}"
+    parts = {  # the alert's two rates, to tell a missing series from a low ratio
+        e: _query(prometheus, e)
+        for e in (
+            'sum by (tenant) (rate(vllm_guard_rate_limited_total{action!="shadow"}[5m]))',
+            "sum by (tenant) (rate(vllm_guard_tenant_requests_total[5m]))",
+        )
+    }
+    assert firing, (
+        f"VllmGuardRateLimitHitRateHigh did not fire for metered: {parts} {rules} {targets}"
+    )
     # ... and the quiet ones do not: nothing is stale, the engine is up.
     names = {a["labels"]["alertname"] for a in alerts if a["state"] == "firing"}
     assert not names & {"VllmGuardEngineMetricsStale", "VllmGuardEngineDown"}
@@ -173,4 +182,4 @@ def test_alert_rules_pass_promtool():
         [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout

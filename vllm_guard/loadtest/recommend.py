@@ -6,8 +6,8 @@ standard library), so these can be tested in an ordinary process.
 
 from __future__ import annotations
 
+import copy
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,26 +45,131 @@ def recommend(
     }
 
 
-def write_limits(
-    config_path: Path, out: Path, rec: dict[str, Any], batch_tenant: str, interactive: str
-) -> Path:
-    raw = yaml.safe_load(config_path.read_text())
-    raw["classes"][interactive]["reserved_seqs"] = rec["reserved_seqs"]
-    tenant = raw["tenants"][batch_tenant]
-    limits = dict(tenant.get("limits") or {})
-    limits["max_concurrent"] = rec["max_concurrent"]
-    limits["tokens_per_minute"] = rec["tokens_per_minute"]
-    tenant["limits"] = limits
-    header = (
-        f"# Written by vllm-guard tune on {time.strftime('%Y-%m-%d %H:%M')} from {config_path}:\n"
-        f"# best batch load meeting the TTFT objective was {rec['max_concurrent']} batch users "
-        f"({rec['step']['batch_tokens_per_s']:.0f} tokens/s, TTFT p95 "
-        f"{rec['step']['ttft_p95_ms']:.0f} ms).\n"
+Change = tuple[tuple[str, ...], Any, str]
+"""A key path in the limits file, its tuned value, and the comment saying why."""
+
+
+def plan(
+    raw: dict[str, Any], rec: dict[str, Any], objective_ms: float, plugin: bool, slots: int
+) -> list[Change]:
+    """What `tune` changes in the whole config (`raw`, the file as loaded), from the sweep's
+    recommendation: every tenant of a less urgent class its share, by `weight`, of the batch
+    concurrency and tokens/min measured at the best step; the most urgent class's
+    `reserved_seqs` (not with the scheduler plugin, which reserves nothing: it preempts
+    batch work for the urgent class); and each class's `max_queue` from the measured drain
+    rate (what drains within its `max_wait_s`: a request queued further back would time
+    out anyway)."""
+    step = rec["step"]
+    classes = sorted(raw["classes"], key=lambda c: raw["classes"][c]["vllm_priority"])
+    urgent = classes[0]
+    p95 = step["ttft_p95_ms"]
+    at = (
+        f"at {rec['max_concurrent']} batch requests in flight, the most that kept interactive "
+        f"TTFT p95 ({p95:.0f} ms) within {objective_ms:g} ms"
     )
+    changes: list[Change] = []
+    reserved = raw["classes"][urgent].get("reserved_seqs", 0)
+    if not plugin:
+        reserved = rec["reserved_seqs"]
+        changes.append(
+            (
+                ("classes", urgent, "reserved_seqs"),
+                reserved,
+                f"peak {step['interactive_in_flight_max']:.0f} {urgent} requests in flight "
+                f"{at}, plus one",
+            )
+        )
+    batch = {n: t for n, t in raw["tenants"].items() if t["class"] != urgent}
+    weights = {n: float(t.get("weight", 1.0)) for n, t in batch.items()}
+    total_weight = sum(weights.values())
+    tokens_per_minute = step["batch_tokens_per_s"] * 60
+    for name, weight in weights.items():
+        share = weight / total_weight
+        part = f"{share:.0%} (weight {weight:g} of {total_weight:g})"
+        concurrent = max(1, round(rec["max_concurrent"] * share))
+        tpm = max(100, math.ceil(tokens_per_minute * 1.2 * share / 100) * 100)
+        limits = ("tenants", name, "limits")
+        changes += [
+            ((*limits, "max_concurrent"), concurrent, f"{part} of {rec['max_concurrent']}, {at}"),
+            (
+                (*limits, "tokens_per_minute"),
+                tpm,
+                f"{part} of 1.2 x the {tokens_per_minute:.0f} batch tokens/min measured there",
+            ),
+        ]
+    drained = step.get("batch_requests_per_s") or 0.0
+    duration_s = (step.get("interactive_ms_mean") or 0.0) / 1000
+    for name in classes:
+        wait_s = float(raw["classes"][name].get("max_wait_s", 30.0))
+        if name == urgent:
+            if not duration_s:
+                continue
+            lanes = slots if plugin else max(1, reserved)
+            rate = lanes / duration_s
+            why = (
+                f"{lanes} slots it can always use / {duration_s * 1000:.0f} ms per request = "
+                f"{rate:.1f} requests/s drained, x max_wait_s {wait_s:g}"
+            )
+        else:
+            if not drained:
+                continue
+            rate = drained
+            why = f"{rate:.2f} batch requests/s drained {at}, x max_wait_s {wait_s:g}"
+        changes.append((("classes", name, "max_queue"), max(1, math.ceil(rate * wait_s)), why))
+    return changes
+
+
+def apply(raw: dict[str, Any], changes: list[Change]) -> dict[str, Any]:
+    """`raw` with `changes` made (a tenant limited only by its class's `default_limits`
+    gets those as its own, plus the tuned ones)."""
+    out = copy.deepcopy(raw)
+    for path, value, _ in changes:
+        node = out
+        for i, key in enumerate(path[:-1]):
+            if key not in node or node[key] is None:
+                node[key] = {}
+                if key == "limits" and path[0] == "tenants":
+                    cls = out["classes"][node["class"]]
+                    node[key] = dict(cls.get("default_limits") or {})
+            node = node[key]
+            assert isinstance(node, dict), path[: i + 1]
+        node[path[-1]] = value
+    return out
+
+
+def write_config(config_path: Path, out: Path, changes: list[Change], header: str) -> Path:
+    """The tuned copy of `config_path` as `out/limits.yaml`: block style, each changed key
+    with a comment saying what was measured. It must load (the keys it references come from
+    this process's environment)."""
+    raw = yaml.safe_load(config_path.read_text())
+    comments = {path: why for path, _, why in changes}
+    lines = [f"# {line}" for line in header.splitlines()]
+    lines += _emit(apply(raw, changes), comments, ())
     path = out / "limits.yaml"
-    path.write_text(header + yaml.safe_dump(raw, sort_keys=False))
-    load_config(path)  # it must load (keys come from the same environment)
+    path.write_text("\n".join(lines) + "\n")
+    load_config(path)
     return path
+
+
+def _emit(
+    node: dict[str, Any], comments: dict[tuple[str, ...], str], at: tuple[str, ...]
+) -> list[str]:
+    pad = "  " * len(at)
+    lines = []
+    for key, value in node.items():
+        path = (*at, str(key))
+        note = f"  # tuned: {comments[path]}" if path in comments else ""
+        if isinstance(value, dict) and value:
+            lines.append(f"{pad}{_flow(key)}:")
+            lines += _emit(value, comments, path)
+        else:
+            lines.append(f"{pad}{_flow(key)}: {_flow(value)}{note}")
+    return lines
+
+
+def _flow(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30)
+    return text.removesuffix("\n...\n").strip()
 
 
 def plots(steps: list[dict[str, Any]], objective_ms: float, out: Path) -> list[str]:
@@ -120,11 +225,17 @@ def report(result: dict[str, Any]) -> str:
             "No step met the objective: nothing recommended (lower the interactive load?)."
         )
     else:
+        plugin = " (the scheduler plugin runs: no slots reserved)" if result.get("plugin") else ""
         lines += [
-            f"Recommended (written to `limits.yaml`): tenant `{result['batch_tenant']}` "
-            f"max_concurrent **{rec['max_concurrent']}**, tokens_per_minute "
-            f"**{rec['tokens_per_minute']}**; class `{result['interactive']}` reserved_seqs "
-            f"**{rec['reserved_seqs']}**.",
+            f"Best step: {rec['max_concurrent']} batch users{plugin}. Changed in `limits.yaml` "
+            "(each line there says the same):",
+            "",
+            "| key | tuned | from |",
+            "|---|---:|---|",
+        ]
+        lines += [
+            f"| `{'.'.join(path)}` | {value} | {why} |"
+            for path, value, why in result.get("changes", [])
         ]
     lines += ["", "![TTFT and throughput vs batch load](tune.png)", ""]
     return "\n".join(lines)

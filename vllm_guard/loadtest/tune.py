@@ -8,11 +8,15 @@ requests in flight and KV reserved vs capacity. It stops at the knee: the first 
 the TTFT objective, or one that adds less than 5 % batch throughput.
 
 The recommendation is the step with the most batch tokens/s whose TTFT p95 met the
-objective: the batch tenant's `max_concurrent` = that step's batch users (each keeps one
-request in flight), its `tokens_per_minute` = 1.2 x the tokens/min measured there (a
-ceiling, not the binding limit), and the interactive class's `reserved_seqs` = at least
-the peak of interactive requests in flight + 1. They are written into a copy of
-`--config` as `limits.yaml`, with `report.md` and PNG plots.
+objective, applied to the whole config (`recommend.plan`): every tenant of a less urgent
+class gets its share by `weight` of that step's batch users as `max_concurrent` (each user
+keeps one request in flight) and of 1.2 x the tokens/min measured there as
+`tokens_per_minute` (a ceiling, not the binding limit); the most urgent class's
+`reserved_seqs` = at least the peak of its requests in flight + 1 (not with the scheduler
+plugin, which reserves nothing); each class's `max_queue` = what its measured drain rate
+clears within its `max_wait_s`. They are written into a copy of `--config` as
+`limits.yaml`, a comment on each changed line saying what was measured, with `report.md`
+and PNG plots.
 
 `--measure N` runs one step at N batch users instead (same load, same numbers): apply the
 tuned limits.yaml, restart the stack and re-measure to check the objective holds.
@@ -43,7 +47,14 @@ from locust.env import Environment  # noqa: E402
 
 from vllm_guard.config import load_config  # noqa: E402
 from vllm_guard.loadtest import preflight  # noqa: E402
-from vllm_guard.loadtest.recommend import knee_reached, plots, recommend, report, write_limits  # noqa: E402
+from vllm_guard.loadtest.recommend import (  # noqa: E402
+    knee_reached,
+    plan,
+    plots,
+    recommend,
+    report,
+    write_config,
+)
 from vllm_guard.loadtest.users import TTFT, BatchUser, InteractiveUser, counters  # noqa: E402
 
 
@@ -64,9 +75,9 @@ def _options(args: argparse.Namespace) -> argparse.Namespace:
     )
 
 
-def _guard_sample(url: str) -> dict[str, float]:
+def _guard_sample(metrics_url: str) -> dict[str, float]:
     try:
-        text = requests.get(url + "/metrics", timeout=5).text
+        text = requests.get(metrics_url + "/metrics", timeout=5).text
     except requests.RequestException:
         return {}
     out: dict[str, float] = {}
@@ -94,7 +105,7 @@ def run_step(
     samples: list[dict[str, float]] = []
     t0 = time.monotonic()
     while time.monotonic() - t0 < args.step_s:
-        samples.append(_guard_sample(args.url))
+        samples.append(_guard_sample(args.metrics_url))
         gevent.sleep(1.0)
         if len(samples) % 10 == 0:  # progress within the step
             ttft_so_far = env.stats.get("interactive", TTFT)
@@ -123,6 +134,8 @@ def run_step(
         "batch_requests": counters["batch_requests"],
         "batch_failures": batch.num_failures,
         "batch_tokens_per_s": counters["batch_tokens"] / elapsed,
+        "batch_requests_per_s": counters["batch_requests"] / elapsed,
+        "interactive_ms_mean": chat.avg_response_time if chat.num_requests else None,
         "queue_depth_max": {
             c: peak(f'vllm_guard_queue_depth{{class="{c}"}}') for c in args.class_names
         },
@@ -137,6 +150,15 @@ def run_step(
         f"tokens/s, max queue {step['queue_depth_max']}"
     )
     return step
+
+
+def _runs_plugin(metrics_url: str) -> bool:
+    """Whether the stack runs the scheduler plugin (its series are on the guard's /metrics)."""
+    try:
+        text = requests.get(metrics_url + "/metrics", timeout=5).text
+    except requests.RequestException:
+        return False
+    return "vllm_guard_scheduler_" in text
 
 
 def _tenant_of(key: str, config_path: Path) -> str:
@@ -158,6 +180,10 @@ def main_tune(args: argparse.Namespace) -> int:
         print(f"vllm-guard tune: {problem}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    if args.metrics_url is None:  # the guard's metrics port, where it has one
+        port = config.guard.metrics_port
+        args.metrics_url = re.sub(r":\d+$", f":{port}", args.url.rstrip("/")) if port else args.url
+    plugin = _runs_plugin(args.metrics_url)
     args.interactive = config.classes[0].name
     args.class_names = [c.name for c in config.classes]
     InteractiveUser.configure(_options(args))
@@ -206,15 +232,25 @@ def main_tune(args: argparse.Namespace) -> int:
         return 0 if met else 1
 
     result["batch_tenant"] = _tenant_of(args.batch_key, args.config)
-    reserved_now = dict(yaml.safe_load(args.config.read_text())["classes"][args.interactive]).get(
-        "reserved_seqs", 0
-    )
+    result["plugin"] = plugin
+    raw = yaml.safe_load(args.config.read_text())
+    reserved_now = dict(raw["classes"][args.interactive]).get("reserved_seqs", 0)
     rec = recommend(steps, args.objective_ms, reserved_now, config.max_num_seqs)
     result["recommendation"] = rec
     plots(steps, args.objective_ms, out)
     if rec is not None:
-        path = write_limits(args.config, out, rec, result["batch_tenant"], args.interactive)
-        log(f"wrote {path}")
+        changes = plan(raw, rec, args.objective_ms, plugin, config.max_num_seqs)
+        result["changes"] = changes
+        header = (
+            f"Written by vllm-guard tune on {time.strftime('%Y-%m-%d %H:%M')} from "
+            f"{args.config}, against {args.url}\n({args.interactive_users} interactive users, "
+            f"batch steps {args.batch_steps}, {args.step_s:g} s each; the best step meeting "
+            f"TTFT p95 <= {args.objective_ms:g} ms was {rec['max_concurrent']} batch users:\n"
+            f"{rec['step']['batch_tokens_per_s']:.0f} batch tokens/s, TTFT p95 "
+            f"{rec['step']['ttft_p95_ms']:.0f} ms). Lines marked 'tuned' changed; see report.md."
+        )
+        path = write_config(args.config, out, changes, header)
+        log(f"wrote {path} ({len(changes)} keys tuned)")
     (out / "tune.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "report.md").write_text(report(result))
     log(f"wrote {out / 'report.md'}, tune.json, tune.png")
