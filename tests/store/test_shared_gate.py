@@ -268,3 +268,25 @@ async def test_requests_waiting_on_local_buckets_wait_on_redis_once_it_is_back(
         g.settle(second, 0)
     finally:
         probing.cancel()
+
+
+async def test_a_reload_changes_the_limits_and_running_requests_settle_where_charged(stores):
+    """A reload drops the token limit and lowers the request one while a request runs: it
+    settles on the dimensions it was charged on (its hold goes), new requests meet the new
+    limits, and a waiter is asked again under them."""
+    before = Limits(requests_per_minute=10, tokens_per_minute=1000)
+    g = gate(stores[0], before, replicas=1)
+    running = await g.reserve(400, max_wait_s=0)
+    assert isinstance(running, Reservation)
+    g.reconfigure(Limits(requests_per_minute=2), "reject")
+    assert g.posture == "reject"
+    assert isinstance(await g.reserve(0, max_wait_s=0), Reservation)
+    # 2 per minute now, clipped so that the level and both holds fit: nothing left.
+    refused = await g.reserve(0, max_wait_s=0)
+    assert isinstance(refused, Denied) and refused.dimension == "requests_per_minute"
+    g.settle(running, 100)
+    await asyncio.sleep(0.2)  # the settle runs in the background
+    store = stores[0]
+    state = await store.client.hgetall("vllm-guard:{acme}:buckets")
+    assert float(state[b"tokens_per_minute:r"]) == 0  # the dropped dimension's hold is gone
+    assert float(state[b"tokens_per_minute:l"]) == pytest.approx(900, abs=5)
