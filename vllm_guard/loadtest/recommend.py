@@ -97,25 +97,17 @@ def plan(
                 f"{part} of 1.2 x the {tokens_per_minute:.0f} batch tokens/min measured there",
             ),
         ]
+    # The batch users saturate the engine, so their completion rate is what the less urgent
+    # classes drain; the interactive load is held fixed, so its drain capacity is not
+    # measured and its queue is left as it is.
     drained = step.get("batch_requests_per_s") or 0.0
-    duration_s = (step.get("interactive_ms_mean") or 0.0) / 1000
-    for name in classes:
-        wait_s = float(raw["classes"][name].get("max_wait_s", 30.0))
-        if name == urgent:
-            if not duration_s:
-                continue
-            lanes = slots if plugin else max(1, reserved)
-            rate = lanes / duration_s
-            why = (
-                f"{lanes} slots it can always use / {duration_s * 1000:.0f} ms per request = "
-                f"{rate:.1f} requests/s drained, x max_wait_s {wait_s:g}"
+    if drained:
+        for name in classes[1:]:
+            wait_s = float(raw["classes"][name].get("max_wait_s", 30.0))
+            why = f"{drained:.2f} batch requests/s drained {at}, x max_wait_s {wait_s:g}"
+            changes.append(
+                (("classes", name, "max_queue"), max(1, math.ceil(drained * wait_s)), why)
             )
-        else:
-            if not drained:
-                continue
-            rate = drained
-            why = f"{rate:.2f} batch requests/s drained {at}, x max_wait_s {wait_s:g}"
-        changes.append((("classes", name, "max_queue"), max(1, math.ceil(rate * wait_s)), why))
     return changes
 
 

@@ -13,8 +13,8 @@ class gets its share by `weight` of that step's batch users as `max_concurrent` 
 keeps one request in flight) and of 1.2 x the tokens/min measured there as
 `tokens_per_minute` (a ceiling, not the binding limit); the most urgent class's
 `reserved_seqs` = at least the peak of its requests in flight + 1 (not with the scheduler
-plugin, which reserves nothing); each class's `max_queue` = what its measured drain rate
-clears within its `max_wait_s`. They are written into a copy of `--config` as
+plugin, which reserves nothing); each less urgent class's `max_queue` = what the measured
+batch drain rate clears within its `max_wait_s`. They are written into a copy of `--config` as
 `limits.yaml`, a comment on each changed line saying what was measured, with `report.md`
 and PNG plots.
 
@@ -135,7 +135,6 @@ def run_step(
         "batch_failures": batch.num_failures,
         "batch_tokens_per_s": counters["batch_tokens"] / elapsed,
         "batch_requests_per_s": counters["batch_requests"] / elapsed,
-        "interactive_ms_mean": chat.avg_response_time if chat.num_requests else None,
         "queue_depth_max": {
             c: peak(f'vllm_guard_queue_depth{{class="{c}"}}') for c in args.class_names
         },

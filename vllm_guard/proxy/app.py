@@ -135,7 +135,6 @@ class GuardApp:
             self.clock,
         )
         self.engine = self.generation.engine  # ready while some engine is
-        self.reloads = 0  # successful reloads since start
 
     # -- reload ---------------------------------------------------------------------------
 
@@ -157,7 +156,6 @@ class GuardApp:
         self.gate.reconfigure(config.classes)
         self.generation.use(config, self.quota_gates)
         self.config = config
-        self.reloads += 1
         self.metrics.reloaded(True)
         return config
 

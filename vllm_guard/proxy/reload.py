@@ -136,6 +136,10 @@ def reload_now(app: GuardApp, status: ReloadStatus) -> None:
         log.error("config reload failed; the running config stays in force: %s", exc)
         status.write(False, str(exc))
         return
+    except Exception as exc:  # a bug: say so rather than leave the command waiting
+        log.exception("config reload failed unexpectedly")
+        status.write(False, f"reload failed unexpectedly ({type(exc).__name__}); see the log")
+        return
     message = describe(old, new)
     log.warning("%s", message)
     status.write(True, message)
