@@ -631,13 +631,6 @@ def validate_config(text: str, source: str) -> GuardConfig:
 # ---------------------------------------------------------------------------------------
 # Reloading
 
-RESTART_ONLY = (
-    "engine.* (max_num_seqs, the scheduler, upstreams, KV admission: they describe the "
-    "engine and vLLM's arguments), guard.* (listeners, timeouts, keys to vLLM, the quota "
-    "store), and which classes exist with which vllm_priority"
-)
-"""What a reload refuses to change (README: "Reloading the config")."""
-
 
 def reload_config(running: CompiledConfig, env: Mapping[str, str]) -> CompiledConfig:
     """The file `running` was loaded from, read again for a running guard: tenants, keys
@@ -645,7 +638,8 @@ def reload_config(running: CompiledConfig, env: Mapping[str, str]) -> CompiledCo
     limits, and class settings other than the classes themselves, compiled as `running`
     runs (its `engine.scheduler`, its salt secret when the file sets none). Raises
     `ConfigError` when the file does not validate, or changes something only a restart
-    applies (`RESTART_ONLY`): the error names each such key path."""
+    applies (`restart_only_changes`: engine.*, guard.*, which classes exist and their
+    vllm_priority): the error names each such key path."""
     source = running.source
     if source.startswith("<"):
         raise ConfigError(f"{source}: the embedded default cannot change; nothing to reload")

@@ -143,7 +143,7 @@ class GuardApp:
         rules for new requests, class limits recomputed, tenants' buckets kept and clipped
         to changed limits; requests under way finish under the rules they arrived with.
         Raises `ConfigError` and changes nothing when the file does not validate or changes
-        what needs a restart (`config.RESTART_ONLY`). Synchronous: nothing else runs on the
+        what needs a restart (`config.restart_only_changes`). Synchronous: nothing else runs on the
         event loop between the first change and the last. `env`: for `env:` keys (this
         process's environment, fixed at its start)."""
         try:
