@@ -326,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"tenant {t.name}: class={t.priority_class.name} weight={t.weight:g} "
                 f"limits={_limits_text(t)}"
+                + (" (shadow: counted, not enforced)" if t.shadow else "")
             )
         return 0
 

@@ -270,3 +270,25 @@ def test_reload_compiles_as_the_guard_runs_and_reads_key_files_again(tmp_path):
     assert hashlib.sha256(b"first-key").digest() not in new.key_digests
     with pytest.raises(ConfigError, match="nothing to reload"):
         reload_config(load_config(None, ENV), ENV)
+
+
+def test_shadow_is_the_tenants_own_or_its_classes_and_check_config_says_so(
+    tmp_path, monkeypatch, capsys
+):
+    from vllm_guard.cli import main
+
+    text = CONFIG.replace("on_limit: reject}", "on_limit: reject, shadow: true}")
+    text += "  watched:\n    class: batch\n    api_keys: ['env:NEW_KEY']\n    shadow: false\n"
+    text = text.replace("tokens_per_day: 600, max_concurrent: 2", "max_concurrent: 2")
+    path = tmp_path / "limits.yaml"
+    path.write_text(text)
+    config = load_config(path, ENV)
+    assert config.tenants["nightly-etl"].shadow is True  # its class's
+    assert config.tenants["watched"].shadow is False  # its own setting wins
+    assert config.tenants["chat-ui"].shadow is False
+    for var, value in ENV.items():
+        monkeypatch.setenv(var, value)
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "tenant nightly-etl: class=batch weight=1 limits=max_concurrent=2 (shadow" in out
+    assert "tenant watched: class=batch weight=1 limits=none\n" in out
