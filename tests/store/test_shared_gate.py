@@ -290,3 +290,38 @@ async def test_a_reload_changes_the_limits_and_running_requests_settle_where_cha
     state = await store.client.hgetall("vllm-guard:{acme}:buckets")
     assert float(state[b"tokens_per_minute:r"]) == 0  # the dropped dimension's hold is gone
     assert float(state[b"tokens_per_minute:l"]) == pytest.approx(900, abs=5)
+
+
+async def test_shadow_mode_over_redis_overdraws_would_be_delays(stores):
+    """A shadow tenant in a waiting class: requests enforcement would delay are served at
+    once and charged into debt in Redis (refill pays it off when the waits would have
+    ended); in a rejecting class they are served uncharged, as refused ones would be."""
+    from vllm_guard.core.quota import REQUESTS, TOKENS_MINUTE
+    from vllm_guard.proxy.shadow import ShadowGate
+
+    counted: list[str] = []
+    limits = Limits(
+        requests_per_minute=60, tokens_per_minute=6000, burst={"requests_per_minute": 1}
+    )
+    waits = ShadowGate(gate(stores[0], limits, replicas=1), counted.append, max_wait_s=30)
+    held = [await waits.reserve(10, max_wait_s=30) for _ in range(4)]
+    assert all(isinstance(r, Reservation) and r.id for r in held)  # all charged in Redis
+    assert counted == [REQUESTS] * 3
+    levels = dict(
+        zip([d for d, _, _ in waits.inner.keys.dimensions], waits.inner._levels, strict=True)
+    )
+    assert levels[REQUESTS] == pytest.approx(-3, abs=0.1)  # three would-be waits, as debt
+    # A top-up the tokens bucket could pay only later: overdrawn too, within max_wait_s.
+    assert await waits.top_up(held[0], 5990) is True
+    assert counted[-1] == TOKENS_MINUTE
+    assert waits.inner._open[held[0].id] == 6000
+    for r in held:
+        waits.settle(r, 10)
+
+    counted.clear()
+    other = SharedQuotaGate(stores[1], "other", limits, "local", 1)
+    rejects = ShadowGate(other, counted.append, max_wait_s=0)
+    first, second = await rejects.reserve(10, 0), await rejects.reserve(10, 0)
+    assert isinstance(first, Reservation) and first.id  # in Redis
+    assert isinstance(second, Reservation) and second.quota is rejects  # served, uncharged
+    assert counted == [REQUESTS]

@@ -195,9 +195,11 @@ class QuotaStore(Protocol):
 
     def reconfigure(self, limits: Limits, now: float) -> None: ...
 
-    def force_reserve(self, tokens: int, now: float) -> Reservation: ...
+    def overdraw(self, tokens: int, now: float) -> Reservation: ...
 
-    def force_top_up(self, reservation: Reservation, tokens: int, now: float) -> None: ...
+    def overdraw_top_up(self, reservation: Reservation, tokens: int, now: float) -> None: ...
+
+    def top_up_wait_s(self, reservation: Reservation, tokens: int, now: float) -> float: ...
 
 
 class TenantQuota:
@@ -262,9 +264,9 @@ class TenantQuota:
         denied = self.check(tokens, now)
         if denied is not None:
             return denied
-        return self.force_reserve(tokens, now)
+        return self.overdraw(tokens, now)
 
-    def force_reserve(self, tokens: int, now: float) -> Reservation:
+    def overdraw(self, tokens: int, now: float) -> Reservation:
         """Charge one request whether or not the buckets can pay (into debt, past the
         concurrency limit): shadow mode's charge for a request enforcement would have made
         wait, which refill then pays off as that wait would have."""
@@ -279,11 +281,17 @@ class TenantQuota:
         costs = self._token_costs(reservation, tokens)
         if any(bucket.wait_s(cost, now) > 0 for bucket, cost in costs):
             return False
-        self.force_top_up(reservation, tokens, now)
+        self.overdraw_top_up(reservation, tokens, now)
         return True
 
-    def force_top_up(self, reservation: Reservation, tokens: int, now: float) -> None:
-        """`top_up` whether or not the buckets can pay (shadow mode; see `force_reserve`)."""
+    def top_up_wait_s(self, reservation: Reservation, tokens: int, now: float) -> float:
+        """Seconds until the token buckets `reservation` was charged on could pay `tokens`
+        more (inf: never)."""
+        costs = self._token_costs(reservation, tokens)
+        return max((bucket.wait_s(cost, now) for bucket, cost in costs), default=0.0)
+
+    def overdraw_top_up(self, reservation: Reservation, tokens: int, now: float) -> None:
+        """`top_up` whether or not the buckets can pay (shadow mode; see `overdraw`)."""
         for bucket, cost in self._token_costs(reservation, tokens):
             bucket.reserve(cost, now)
         reservation.tokens += tokens

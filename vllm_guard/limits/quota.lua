@@ -10,7 +10,9 @@
 --       (dimension, capacity, rate per s, "r" for the requests dimension or "t"), then
 --       optionally n levels for buckets Redis does not have (else they start full)
 -- op: check | reserve | top_up | settle (tokens = used; id "!" + id: never sent) | renew
---     | catchup (below)
+--     | catchup (below) | overdraw (reserve whatever the buckets say: into debt, past the
+--     concurrency limit; shadow mode) | overdraw_top_up (top up into debt if the buckets
+--     could pay within lease_s seconds, which this op reads as that wait)
 -- Returns {granted 0/1, refusing dimension or "", retry_after_s, in_flight, level...};
 -- numbers as strings (Lua numbers would be truncated to integers on the way out).
 
@@ -118,15 +120,15 @@ local function refusal(amount, token_dims_only)
 end
 
 local granted, worst, wait = 0, '', 0
-if op == 'check' or op == 'reserve' then
-  if op == 'reserve' and redis.call('HEXISTS', KEYS[2], id) == 1 then
+if op == 'check' or op == 'reserve' or op == 'overdraw' then
+  if op ~= 'check' and redis.call('HEXISTS', KEYS[2], id) == 1 then
     granted = 1  -- a retried reserve whose first answer was lost: charged once
   else
     worst, wait = refusal(tokens, false)
     if worst == '' and max_conc >= 0 and redis.call('ZCARD', KEYS[3]) >= max_conc then
       worst = 'max_concurrent'
     end
-    if worst == '' and op == 'reserve' then
+    if op == 'overdraw' or (worst == '' and op == 'reserve') then
       for _, d in ipairs(dims) do
         local cost = cost_of(d, tokens)
         d.level = d.level - cost
@@ -136,12 +138,12 @@ if op == 'check' or op == 'reserve' then
       granted = 1
     end
   end
-elseif op == 'top_up' then
+elseif op == 'top_up' or op == 'overdraw_top_up' then
   -- Only on the dimensions it was charged on (else the caller reserves anew).
   local recorded = redis.call('HGET', KEYS[2], id .. '#') or charged_on
   if redis.call('HEXISTS', KEYS[2], id) == 1 and recorded == charged_on then
     worst, wait = refusal(tokens, true)
-    if worst == '' then
+    if worst == '' or (op == 'overdraw_top_up' and wait <= lease_s) then
       for _, d in ipairs(dims) do
         if not d.per_request then
           d.level = d.level - tokens

@@ -165,14 +165,21 @@ class RedisQuotaStore:
         return await self._call(keys, "check", "", tokens)
 
     async def reserve(
-        self, keys: TenantKeys, reservation_id: str, tokens: int, seed: Sequence[float] = ()
+        self,
+        keys: TenantKeys,
+        reservation_id: str,
+        tokens: int,
+        seed: Sequence[float] = (),
+        overdraw: bool = False,
     ) -> Reply:
         """Reserve `tokens` (and one request, and a concurrency lease) under an id made by
         `new_id`. Raises `StoreDown` — and then refunds the id once Redis is back, in case
         the script ran and only its answer was lost. `seed`: each dimension's level for a
-        bucket Redis does not have (after it lost its data), instead of full."""
+        bucket Redis does not have (after it lost its data), instead of full; `overdraw`:
+        charge it whatever the buckets say (shadow mode; `denied` says what was overdrawn)."""
+        op = "overdraw" if overdraw else "reserve"
         try:
-            reply = await self._call(keys, "reserve", reservation_id, tokens, seed)
+            reply = await self._call(keys, op, reservation_id, tokens, seed)
         except StoreDown:
             self._pending[reservation_id] = (keys, 0, False)
             if self.up:  # one slow answer: refund it once Redis answers again
@@ -182,9 +189,21 @@ class RedisQuotaStore:
             self._open[reservation_id] = keys
         return reply
 
-    async def top_up(self, keys: TenantKeys, reservation_id: str, tokens: int) -> Reply:
-        """Add `tokens` to an open reservation on every token bucket, or none."""
-        return await self._call(keys, "top_up", reservation_id, tokens)
+    async def top_up(
+        self,
+        keys: TenantKeys,
+        reservation_id: str,
+        tokens: int,
+        overdraw_within_s: float | None = None,
+    ) -> Reply:
+        """Add `tokens` to an open reservation on every token bucket, or none;
+        `overdraw_within_s`: add them into debt where the buckets could pay them within
+        that many seconds (shadow mode)."""
+        if overdraw_within_s is None:
+            return await self._call(keys, "top_up", reservation_id, tokens)
+        return await self._call(
+            keys, "overdraw_top_up", reservation_id, tokens, within_s=overdraw_within_s
+        )
 
     async def settle(self, keys: TenantKeys, reservation_id: str, used: int, sent: bool) -> None:
         """End a reservation (see `TenantQuota.settle`); kept for Redis's return if it is down."""
@@ -284,12 +303,15 @@ class RedisQuotaStore:
         seed: Sequence[float] = (),
         force: bool = False,
         extra: Sequence[str | int] = (),
+        within_s: float | None = None,
     ) -> Reply:
         """`force`: call even while the store counts as down (the catch-up before it is
-        marked up again); `extra`: arguments after the seeds."""
+        marked up again); `extra`: arguments after the seeds; `within_s`: the wait
+        `overdraw_top_up` may stand for (passed where the lease length goes)."""
         if not (self.up or force):
             raise StoreDown("Redis is down")
-        args: list[str | bytes | float] = [op, rid, tokens, self.lease_s, *keys.spec]
+        fourth = self.lease_s if within_s is None else within_s
+        args: list[str | bytes | float] = [op, rid, tokens, fourth, *keys.spec]
         args += map(repr, seed)
         args += extra
         try:

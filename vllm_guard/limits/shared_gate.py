@@ -362,6 +362,40 @@ class SharedQuotaGate:
         self._deadlines.clear()
         self._live = 0
 
+    # -- shadow mode ------------------------------------------------------------------------
+
+    async def overdraw(self, tokens: int) -> Reservation | None:
+        """Charge one request in Redis whatever the buckets say (see `TenantGate`); None
+        while Redis cannot be reached (served uncharged: local buckets are not overdrawn)."""
+        if not self.store.up:
+            return None
+        rid = self.store.new_id()
+        self._leave_local()
+        try:
+            reply = await self.store.reserve(self.keys, rid, tokens, overdraw=True)
+        except StoreDown:
+            return None
+        self._levels = reply.levels
+        self._local_quota.in_flight += 1
+        self._open[rid] = tokens
+        return Reservation(self, tokens, rid)
+
+    async def overdraw_top_up(
+        self, reservation: Reservation, tokens: int, max_wait_s: float
+    ) -> bool:
+        if reservation.quota is not self:
+            return await self.local.overdraw_top_up(reservation, tokens, max_wait_s)
+        try:
+            reply = await self.store.top_up(self.keys, reservation.id, tokens, max_wait_s)
+        except StoreDown:
+            return False
+        self._levels = reply.levels
+        if reply.granted:
+            reservation.tokens += tokens
+            if reservation.id in self._open:
+                self._open[reservation.id] += tokens
+        return reply.granted
+
     # -- the rest of the contract -------------------------------------------------------------
 
     async def top_up(self, reservation: Reservation, tokens: int) -> bool:

@@ -76,6 +76,19 @@ class TenantGate(Protocol):
         lowered capacities and never refilled by the change; waiters are asked again."""
         ...
 
+    async def overdraw(self, tokens: int) -> Reservation | None:
+        """Charge one request whatever the buckets say — into debt, past the concurrency
+        limit: shadow mode's charge for a request enforcement would have made wait, which
+        refill pays off as that wait would have. None: nothing could be charged."""
+        ...
+
+    async def overdraw_top_up(
+        self, reservation: Reservation, tokens: int, max_wait_s: float
+    ) -> bool:
+        """Add `tokens` to an open reservation, into debt, where the buckets could pay them
+        within `max_wait_s` (shadow mode); False: nothing added."""
+        ...
+
 
 class QuotaGate:
     def __init__(
@@ -102,12 +115,21 @@ class QuotaGate:
     def limits(self) -> Limits:
         return self.quota.limits
 
-    def now(self) -> float:
-        return self._clock.now()
-
     def reconfigure(self, limits: Limits, on_store_down: str = "local") -> None:
         self.quota.reconfigure(limits, self._clock.now())
         self.wake()
+
+    async def overdraw(self, tokens: int) -> Reservation | None:
+        return self.quota.overdraw(tokens, self._clock.now())
+
+    async def overdraw_top_up(
+        self, reservation: Reservation, tokens: int, max_wait_s: float
+    ) -> bool:
+        now = self._clock.now()
+        if self.quota.top_up_wait_s(reservation, tokens, now) > max_wait_s:
+            return False
+        self.quota.overdraw_top_up(reservation, tokens, now)
+        return True
 
     async def top_up(self, reservation: Reservation, tokens: int) -> bool:
         return self.quota.top_up(reservation, tokens, self._clock.now())

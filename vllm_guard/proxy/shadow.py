@@ -7,10 +7,10 @@ the refusals it counts are the ones enforcement would have made for the same tra
 - a request the buckets admit is charged and settled as usual;
 - one enforcement would refuse (its class rejects over a limit, or the wait would outlast
   `max_wait_s`) is served at once and charged nothing, as a refused request is not;
-- one enforcement would make wait is served at once and charged now, into debt on the
-  in-process buckets (`TenantQuota.force_reserve`): refill pays the debt off exactly when
-  the wait would have ended, so the requests behind it see what they would have seen.
-  Redis has no debt: with the shared store such a request is served uncharged.
+- one enforcement would make wait is served at once and charged now, into debt
+  (`overdraw`, in-process or in Redis): refill pays the debt off exactly when the wait
+  would have ended, so the requests behind it see what they would have seen. (While Redis
+  cannot be reached such a request is served uncharged.)
 
 Each would-be refusal or delay is counted once per request (`on_shadow(dimension)`: the
 `action="shadow"` series); the request carries the x-ratelimit-* headers it would have had.
@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vllm_guard.core.quota import (
-    REQUESTS,
     TOKENS_DAY,
     TOKENS_MINUTE,
     Denied,
@@ -29,7 +28,7 @@ from vllm_guard.core.quota import (
     Reservation,
     Snapshot,
 )
-from vllm_guard.proxy.quota_gate import QuotaGate, TenantGate, worth_waiting
+from vllm_guard.proxy.quota_gate import TenantGate, worth_waiting
 
 
 class ShadowGate:
@@ -57,9 +56,10 @@ class ShadowGate:
         if not isinstance(result, Denied):
             return result  # a reservation; or DRAINED / STORE_DOWN, as for anyone
         self.on_shadow(result.dimension)
-        inner = self.inner
-        if worth_waiting(result, max_wait_s) and isinstance(inner, QuotaGate):
-            return inner.quota.force_reserve(tokens, inner.now())
+        if worth_waiting(result, max_wait_s):
+            overdrawn = await self.inner.overdraw(tokens)
+            if overdrawn is not None:
+                return overdrawn
         return Reservation(self, tokens)  # served, charged nothing
 
     async def top_up(self, reservation: Reservation, tokens: int) -> bool:
@@ -72,17 +72,8 @@ class ShadowGate:
         if await self.inner.top_up(reservation, tokens):
             return True
         self.on_shadow(TOKENS_MINUTE if self.limits.tokens_per_minute else TOKENS_DAY)
-        inner = self.inner
-        if isinstance(inner, QuotaGate) and reservation.buckets is not None:
-            now = inner.now()
-            wait_s = max(
-                (b.wait_s(tokens, now) for d, b in reservation.buckets if d != REQUESTS),
-                default=0.0,
-            )
-            if wait_s <= self.max_wait_s:
-                inner.quota.force_top_up(reservation, tokens, now)
-                return True
-        inner.settle(reservation, 0, sent=False)
+        if not await self.inner.overdraw_top_up(reservation, tokens, self.max_wait_s):
+            self.inner.settle(reservation, 0, sent=False)
         return True
 
     def settle(self, reservation: Reservation, used_tokens: int, sent: bool = True) -> None:
@@ -97,3 +88,11 @@ class ShadowGate:
 
     def reconfigure(self, limits: Limits, on_store_down: str) -> None:
         self.inner.reconfigure(limits, on_store_down)
+
+    async def overdraw(self, tokens: int) -> Reservation | None:
+        return await self.inner.overdraw(tokens)
+
+    async def overdraw_top_up(
+        self, reservation: Reservation, tokens: int, max_wait_s: float
+    ) -> bool:
+        return await self.inner.overdraw_top_up(reservation, tokens, max_wait_s)
