@@ -5,9 +5,12 @@ sent the same traffic; and `vllm-guard reload` against `serve`, whose vLLM stays
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -15,6 +18,7 @@ import pytest
 
 from vllm_guard.engine.launcher import free_port
 from vllm_guard.testing.prometheus import parse_prometheus, total
+from vllm_guard.testing.redis_server import RedisServer
 from vllm_guard.testing.stack import start_proxy, stop, wait_healthy
 
 pytestmark = pytest.mark.integration
@@ -49,19 +53,36 @@ tenants:
 EXTRA = '  extra: {class: batch, api_keys: ["env:EXTRA_KEY"]}\n'
 
 
-@pytest.fixture(scope="module")
-def guard(stack, tmp_path_factory):
-    work = tmp_path_factory.mktemp("reload")
+@contextlib.contextmanager
+def _proxy(stack, work: Path, text: str) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     config = work / "limits.yaml"
-    config.write_text(CONFIG)
+    config.write_text(text)
     env = {**KEYS, "VLLM_GUARD_ENGINE_KEY": stack.engine_key}
     port, log = free_port(), work / "guard.log"
     proc = start_proxy(stack.vllm_url, config, port, env, log)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc, 60, log)
-        yield f"http://127.0.0.1:{port}", proc, config, log
+        yield f"http://127.0.0.1:{port}", proc, config
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="module")
+def guard(stack, tmp_path_factory):
+    with _proxy(stack, tmp_path_factory.mktemp("reload"), CONFIG) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def redis_guard(stack, tmp_path_factory):
+    """The same config with its buckets in a real Redis."""
+    redis = RedisServer().start()
+    try:
+        text = CONFIG.replace("guard:\n", f"guard:\n  quota_store: {redis.url}\n")
+        with _proxy(stack, tmp_path_factory.mktemp("reload-redis"), text) as running:
+            yield running
+    finally:
+        redis.close()
 
 
 def _reload(pid: int) -> subprocess.CompletedProcess[str]:
@@ -81,7 +102,7 @@ async def test_reloads_under_load_lose_no_request(guard):
     """A batch flood and streaming chat through the guard while its file is reloaded every
     0.3 s (a limit changed, a tenant added and removed): every request is answered 200, and
     the guard ends with nothing held."""
-    url, proc, config, _log = guard
+    url, proc, config = guard
     chat, flood = _client(url, "CHAT_KEY"), _client(url, "FLOOD_KEY")
     stop_at = time.monotonic() + 12
     statuses: list[str] = []
@@ -162,11 +183,13 @@ async def _replay(url: str, key: str, schedule: list[tuple[float, int, int]]) ->
     return statuses
 
 
-async def test_shadow_counts_what_enforcement_refuses_for_the_same_traffic(guard):
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_shadow_counts_what_enforcement_refuses_for_the_same_traffic(store, request):
     """The same schedule for a shadow tenant and its enforced twin, at the same time: the
     shadow one is served throughout, and its would-be refusals (and, in a waiting class,
-    would-be delays) equal the refusals (delays) its twin got."""
-    url = guard[0]
+    would-be delays) equal the refusals (delays) its twin got — with the buckets in this
+    process, and in Redis."""
+    url = request.getfixturevalue("guard" if store == "memory" else "redis_guard")[0]
     # 0 s: 8 at once (4 fit the request burst); 3 s: 4 (1.5 refilled: 1 fits); 9 s: 6 (3.5:
     # 3 fit); 12 s: two of ~260 tokens (the token burst of 400 has one).
     chat_schedule = [(0.0, 8, 40), (3.0, 4, 40), (9.0, 6, 40), (12.0, 2, 250)]
