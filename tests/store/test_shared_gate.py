@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vllm_guard.core.quota import CONCURRENCY, Denied, Limits, Reservation
+from vllm_guard.core.quota import CONCURRENCY, TOKENS_MINUTE, Denied, Limits, Reservation
 from vllm_guard.limits.shared_gate import SharedQuotaGate, split_limits
 from vllm_guard.proxy.quota_gate import DRAINED, STORE_DOWN
 from vllm_guard.testing.redis_server import RedisServer
@@ -325,3 +325,32 @@ async def test_shadow_mode_over_redis_overdraws_would_be_delays(stores):
     assert isinstance(first, Reservation) and first.id  # in Redis
     assert isinstance(second, Reservation) and second.quota is rejects  # served, uncharged
     assert counted == [REQUESTS]
+
+
+async def test_a_reload_during_an_outage_releases_holds_only_where_they_were_taken(
+    redis_server: RedisServer, stores
+):
+    """Redis is down, the local buckets hold back what the requests running through Redis
+    reserved; a reload adds a token limit. When such a request ends, its hold is released
+    from the buckets that took it — not from the new one, whose holds belong to the
+    requests the local buckets admitted."""
+    limits = Limits(requests_per_minute=60, burst={"requests_per_minute": 3})
+    g = gate(stores[0], limits, "local", replicas=1)
+    through_redis = await g.reserve(10, max_wait_s=0)
+    assert isinstance(through_redis, Reservation)
+    redis_server.pause()
+    try:
+        first = await g.reserve(1, max_wait_s=0)  # the outage is noticed: local buckets
+        assert isinstance(first, Reservation) and first.quota is not g
+        burst = {"requests_per_minute": 3.0}
+        g.reconfigure(Limits(60, tokens_per_minute=1000, burst=burst), "local")
+        local = await g.reserve(5, max_wait_s=0)
+        assert isinstance(local, Reservation) and local.quota is not g
+        tokens = g._local_quota.buckets[TOKENS_MINUTE]
+        assert tokens.reserved == 5
+        g.settle(through_redis, 10)
+        assert tokens.reserved == 5  # the local request's hold stays
+        g.settle(local, 5)
+        g.settle(first, 1)
+    finally:
+        redis_server.resume()

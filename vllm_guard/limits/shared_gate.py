@@ -36,6 +36,7 @@ from vllm_guard.core.quota import (
     REQUESTS,
     TOKENS_DAY,
     TOKENS_MINUTE,
+    Buckets,
     Denied,
     Limits,
     Reservation,
@@ -90,6 +91,7 @@ class SharedQuotaGate:
         self._on_local = False  # charging local buckets since Redis went away
         self._open: dict[str, int] = {}  # this replica's open Redis reservations: id -> tokens
         self._held: dict[str, int] = {}  # of those, the ones the local buckets hold back
+        self._held_buckets: Buckets = ()
         self._local_open: set[Reservation] = set()  # served on local buckets, running
         self._adopted: dict[Reservation, str] = {}  # of those, now reservations in Redis
         self._used_locally = (0, 0)  # requests, tokens local requests used while down
@@ -273,7 +275,9 @@ class SharedQuotaGate:
                 bucket.refill(now)
                 bucket.clip(level / self._replicas)
         self._held = dict(self._open)
-        for dim, bucket in self._local_quota.buckets.items():
+        # The buckets that take the holds (a reload may add one before they are released).
+        self._held_buckets = tuple(self._local_quota.buckets.items())
+        for dim, bucket in self._held_buckets:
             bucket.refill(now)
             bucket.reserved += len(self._held) if dim == REQUESTS else sum(self._held.values())
 
@@ -282,7 +286,7 @@ class SharedQuotaGate:
         if tokens is None:
             return
         now = self._clock.now()
-        for dim, bucket in self._local_quota.buckets.items():
+        for dim, bucket in self._held_buckets:
             bucket.refill(now)
             bucket.reserved = max(0.0, bucket.reserved - (1 if dim == REQUESTS else tokens))
 
