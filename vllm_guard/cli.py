@@ -112,9 +112,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Send SIGHUP to the guard process PID, which reads its --config file "
         "again: tenants, keys, limits, shadow and class queue settings change at once, "
         "without touching vLLM; requests under way finish under the rules they arrived "
-        "with. A file that does not validate, or that changes engine.*, guard.* or the "
-        "classes themselves (these need a restart), changes nothing. Exits 0 when the "
-        "guard reloaded, 1 when it kept its config, 2 when PID is not a vllm-guard.",
+        "with. A file that does not validate, or that changes engine.*, guard.* (but "
+        "anonymous_tenant) or the classes themselves (these need a restart), changes "
+        "nothing. Exits 0 when the guard reloaded, 1 when it kept its config, 2 when PID "
+        "is not a vllm-guard.",
     )
     r.add_argument("--pid", type=int, required=True, help="the vllm-guard serve/proxy process")
     r.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for its answer")

@@ -638,8 +638,8 @@ def reload_config(running: CompiledConfig, env: Mapping[str, str]) -> CompiledCo
     limits, and class settings other than the classes themselves, compiled as `running`
     runs (its `engine.scheduler`, its salt secret when the file sets none). Raises
     `ConfigError` when the file does not validate, or changes something only a restart
-    applies (`restart_only_changes`: engine.*, guard.*, which classes exist and their
-    vllm_priority): the error names each such key path."""
+    applies (`restart_only_changes`: engine.*, guard.* but anonymous_tenant, which classes
+    exist and their vllm_priority): the error names each such key path."""
     source = running.source
     if source.startswith("<"):
         raise ConfigError(f"{source}: the embedded default cannot change; nothing to reload")
@@ -668,6 +668,10 @@ def reload_config(running: CompiledConfig, env: Mapping[str, str]) -> CompiledCo
     )
 
 
+_RELOADABLE_SETTINGS = frozenset({("guard", "anonymous_tenant")})
+"""Keys of `engine`/`guard` a reload applies (they belong to the tenants' rules)."""
+
+
 def restart_only_changes(old: GuardConfig, new: GuardConfig) -> list[str]:
     """What differs between two files in the keys only a restart applies, one entry per
     key path (values shown except for secret fields)."""
@@ -676,7 +680,7 @@ def restart_only_changes(old: GuardConfig, new: GuardConfig) -> list[str]:
         before, after = getattr(old, section), getattr(new, section)
         for name in type(before).model_fields:
             a, b = getattr(before, name), getattr(after, name)
-            if a != b:
+            if a != b and (section, name) not in _RELOADABLE_SETTINGS:
                 shown = "" if name in _SECRET_FIELDS else f" ({_short(a)} -> {_short(b)})"
                 changes.append(f"{section}.{name} changed{shown}")
     added = [c for c in new.classes if c not in old.classes]

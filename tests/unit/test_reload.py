@@ -170,6 +170,15 @@ async def test_class_settings_reload_and_waiters_keep_their_deadline(setup, fake
     assert [r.status for r in await asyncio.gather(*tasks, queued)] == [200, 200, 200]
 
 
+async def test_the_anonymous_tenant_reloads_with_the_tenants(setup):
+    app, path = setup
+    assert (await call(app, "POST", "/v1/completions", {}, BODY)).status == 401
+    reload(app, path, "guard: {anonymous_tenant: nightly-etl}\n" + CONFIG)
+    assert (await call(app, "POST", "/v1/completions", {}, BODY)).status == 200
+    reload(app, path, CONFIG)
+    assert (await call(app, "POST", "/v1/completions", {}, BODY)).status == 401
+
+
 async def test_a_file_that_does_not_validate_changes_nothing(setup):
     app, path = setup
     before = app.generation.rules
