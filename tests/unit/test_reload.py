@@ -301,3 +301,38 @@ def test_shadow_is_the_tenants_own_or_its_classes_and_check_config_says_so(
     out = capsys.readouterr().out
     assert "tenant nightly-etl: class=batch weight=1 limits=max_concurrent=2 (shadow" in out
     assert "tenant watched: class=batch weight=1 limits=none\n" in out
+
+
+async def test_a_shadow_request_is_counted_once_though_its_prompt_overdraws_too(fake, tmp_path):
+    """A would-be delay on requests whose counted prompt then overdraws the token bucket
+    as well: one shadow count for the request, both charges in debt."""
+    text = """
+engine: {max_num_seqs: 4}
+classes:
+  interactive: {vllm_priority: 0, reserved_seqs: 1}
+  batch: {vllm_priority: 10, max_wait_s: 600, shadow: true}
+tenants:
+  chat-ui: {class: interactive, api_keys: ["env:CHAT_UI_KEY"]}
+  nightly-etl:
+    class: batch
+    api_keys: ["env:ETL_KEY"]
+    limits: {requests_per_minute: 60, tokens_per_minute: 600, burst: {requests_per_minute: 1, tokens_per_minute: 12}}
+"""  # noqa: E501
+    path = tmp_path / "limits.yaml"
+    path.write_text(text)
+    app = ready_app(load_config(path, ENV), fake)
+    try:
+        body = {"model": "tiny", "prompt": "hi there", "max_tokens": 4}
+        for _ in range(2):
+            assert (await call(app, "POST", "/v1/completions", ETL, body)).status == 200
+        shadowed = limited(app, "nightly-etl", "shadow") + limited(
+            app, "nightly-etl", "shadow", "tokens_per_minute"
+        )
+        assert shadowed == 1  # the second request (the first fits: 8 + 4 tokens), once
+        quota = app._gates["nightly-etl"].quota
+        loop_now = asyncio.get_running_loop().time()
+        for bucket in quota.buckets.values():
+            bucket.refill(loop_now)
+        assert quota.buckets[REQUESTS].level < 0 and quota.buckets["tokens_per_minute"].level < 0
+    finally:
+        await app.upstream.close()

@@ -40,6 +40,7 @@ class ShadowGate:
         self.inner = inner
         self.on_shadow = on_shadow
         self.max_wait_s = max_wait_s
+        self._overdrawn: set[Reservation] = set()  # counted already, until topped up or settled
 
     @property
     def limits(self) -> Limits:
@@ -59,24 +60,30 @@ class ShadowGate:
         if worth_waiting(result, max_wait_s):
             overdrawn = await self.inner.overdraw(tokens)
             if overdrawn is not None:
+                self._overdrawn.add(overdrawn)
                 return overdrawn
         return Reservation(self, tokens)  # served, charged nothing
 
     async def top_up(self, reservation: Reservation, tokens: int) -> bool:
         """Always True: the request is served whatever its counted prompt costs. Where the
         buckets cannot pay it now, enforcement would give the hold back and wait for the
-        whole cost, or refuse it: a would-be delay is charged into debt (in-process
-        buckets), a would-be refusal gets its hold back whole."""
+        whole cost, or refuse it: a would-be delay is charged into debt, a would-be refusal
+        gets its hold back whole. A request is counted once (not again here if its
+        reservation was overdrawn)."""
+        counted = reservation in self._overdrawn
+        self._overdrawn.discard(reservation)
         if reservation.quota is self or reservation.settled:
             return True
         if await self.inner.top_up(reservation, tokens):
             return True
-        self.on_shadow(TOKENS_MINUTE if self.limits.tokens_per_minute else TOKENS_DAY)
+        if not counted:
+            self.on_shadow(TOKENS_MINUTE if self.limits.tokens_per_minute else TOKENS_DAY)
         if not await self.inner.overdraw_top_up(reservation, tokens, self.max_wait_s):
             self.inner.settle(reservation, 0, sent=False)
         return True
 
     def settle(self, reservation: Reservation, used_tokens: int, sent: bool = True) -> None:
+        self._overdrawn.discard(reservation)
         if reservation.quota is not self:
             self.inner.settle(reservation, used_tokens, sent)
 
