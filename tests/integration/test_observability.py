@@ -79,6 +79,11 @@ def prometheus(stack, tmp_path_factory):
             assert proc.poll() is None, (work / "prometheus.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "prometheus not ready in 60 s"
             time.sleep(0.3)
+        # Ready is not scraped: traffic sent before the first scrape of the guard would be
+        # in the counters' first samples, and rate() would never see it.
+        while not _query(url, 'up{job="vllm-guard"} == 1'):
+            assert time.monotonic() < deadline, "prometheus did not scrape the guard in 60 s"
+            time.sleep(0.3)
         yield url
     finally:
         proc.terminate()
