@@ -76,7 +76,8 @@ def test_tune_sweeps_and_tunes_the_whole_config(stack, tmp_path):
     result = json.loads((tmp_path / "tune.json").read_text())
     assert result["plugin"] is False  # the session's stack runs engine.scheduler: vllm
     step = result["recommendation"]["step"]
-    assert step["batch_requests_per_s"] > 0 and step["interactive_in_flight_max"] >= 1
+    # (The interactive in-flight peak is sampled once a second: short chats may fall between.)
+    assert step["batch_requests_per_s"] > 0 and step["ttft_n"] > 0
     tuned = {".".join(path) for path, _, _ in result["changes"]}
     batch_tenants = {"nightly-etl", "bulk-flood", "bulk-trickle", "batch-runner"}
     assert tuned >= {f"tenants.{t}.limits.max_concurrent" for t in batch_tenants}
