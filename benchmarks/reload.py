@@ -33,7 +33,7 @@ import aiohttp
 import httpx
 from common import write_report
 
-from vllm_guard.demo.workload import new_session, percentile
+from vllm_guard.demo.workload import completion_tokens, new_session, percentile
 from vllm_guard.engine.launcher import free_port
 from vllm_guard.proxy.reload import request_reload
 from vllm_guard.testing.prometheus import parse_prometheus, total
@@ -94,7 +94,7 @@ async def _batch_user(
                 tail = b""
                 async for chunk in resp.content.iter_any():
                     tail = (tail + chunk)[-4096:]
-            usage = _usage(tail)
+            usage = completion_tokens(tail)
             if usage is None:
                 block.count("batch stream without usage")
             else:
@@ -102,15 +102,6 @@ async def _batch_user(
                 block.count("batch ok")
         except (aiohttp.ClientError, TimeoutError) as exc:
             block.count(f"batch {type(exc).__name__}")
-
-
-def _usage(tail: bytes) -> int | None:
-    for line in reversed(tail.split(b"\n")):
-        if line.startswith(b"data: {") and b'"usage"' in line:
-            usage = json.loads(line[6:]).get("usage")
-            if usage:
-                return int(usage["completion_tokens"])
-    return None
 
 
 async def _probe_user(
@@ -142,7 +133,7 @@ async def _probe_user(
                     if ttft is None and line.startswith(b"data: "):
                         ttft = time.perf_counter() - start
                     tail = (tail + line)[-4096:]
-            if ttft is None or _usage(tail) is None:
+            if ttft is None or completion_tokens(tail) is None:
                 block.count("probe stream without usage")
             else:
                 block.ttfts_s.append(ttft)

@@ -4,8 +4,10 @@ what changes for new requests, what requests under way keep, what a failed reloa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -41,13 +43,37 @@ NEW = {"Authorization": "Bearer new-secret"}
 BODY = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
 
 
+@contextlib.asynccontextmanager
+async def _guard(fake, path: Path, text: str) -> AsyncIterator[GuardApp]:
+    """The app on `text`, written to `path` (the file a reload reads again)."""
+    path.write_text(text)
+    app = ready_app(load_config(path, ENV), fake)
+    try:
+        yield app
+    finally:
+        await app.upstream.close()
+
+
 @pytest_asyncio.fixture
 async def setup(fake, tmp_path):
     path = tmp_path / "limits.yaml"
-    path.write_text(CONFIG)
-    app = ready_app(load_config(path, ENV), fake)
-    yield app, path
-    await app.upstream.close()
+    async with _guard(fake, path, CONFIG) as app:
+        yield app, path
+
+
+SHADOW_BATCH = """
+engine: {{max_num_seqs: 4}}
+classes:
+  interactive: {{vllm_priority: 0, reserved_seqs: 1}}
+  batch: {{vllm_priority: 10, max_wait_s: {wait}, shadow: true}}
+tenants:
+  chat-ui: {{class: interactive, api_keys: ["env:CHAT_UI_KEY"]}}
+  nightly-etl:
+    class: batch
+    api_keys: ["env:ETL_KEY"]
+    limits: {limits}
+"""
+"""A batch class in shadow mode, its tenant's `limits` and the class's `wait` filled in."""
 
 
 def reload(app: GuardApp, path: Path, text: str) -> None:
@@ -230,22 +256,9 @@ async def test_shadow_mode_serves_counts_and_then_enforces_after_a_reload(setup)
 
 
 async def test_shadow_on_a_class_and_a_waiting_class_charges_into_debt(fake, tmp_path):
-    text = """
-engine: {max_num_seqs: 4}
-classes:
-  interactive: {vllm_priority: 0, reserved_seqs: 1}
-  batch: {vllm_priority: 10, max_wait_s: 60, shadow: true}
-tenants:
-  chat-ui: {class: interactive, api_keys: ["env:CHAT_UI_KEY"]}
-  nightly-etl:
-    class: batch
-    api_keys: ["env:ETL_KEY"]
-    limits: {requests_per_minute: 60, burst: {requests_per_minute: 1}}
-"""
-    path = tmp_path / "limits.yaml"
-    path.write_text(text)
-    app = ready_app(load_config(path, ENV), fake)
-    try:
+    limits = "{requests_per_minute: 60, burst: {requests_per_minute: 1}}"
+    text = SHADOW_BATCH.format(wait=60, limits=limits)
+    async with _guard(fake, tmp_path / "limits.yaml", text) as app:
         started = asyncio.get_running_loop().time()
         answers = [await call(app, "POST", "/v1/completions", ETL, BODY) for _ in range(4)]
         assert asyncio.get_running_loop().time() - started < 1.0  # none waited
@@ -255,8 +268,6 @@ tenants:
         # Three would-be delays, each charged: the debt refill pays off when enforcement
         # would have let the last of them in, ~3 s from now.
         assert bucket.level == pytest.approx(-3, abs=0.2)
-    finally:
-        await app.upstream.close()
 
 
 def test_reload_compiles_as_the_guard_runs_and_reads_key_files_again(tmp_path):
@@ -306,22 +317,12 @@ def test_shadow_is_the_tenants_own_or_its_classes_and_check_config_says_so(
 async def test_a_shadow_request_is_counted_once_though_its_prompt_overdraws_too(fake, tmp_path):
     """A would-be delay on requests whose counted prompt then overdraws the token bucket
     as well: one shadow count for the request, both charges in debt."""
-    text = """
-engine: {max_num_seqs: 4}
-classes:
-  interactive: {vllm_priority: 0, reserved_seqs: 1}
-  batch: {vllm_priority: 10, max_wait_s: 600, shadow: true}
-tenants:
-  chat-ui: {class: interactive, api_keys: ["env:CHAT_UI_KEY"]}
-  nightly-etl:
-    class: batch
-    api_keys: ["env:ETL_KEY"]
-    limits: {requests_per_minute: 60, tokens_per_minute: 600, burst: {requests_per_minute: 1, tokens_per_minute: 12}}
-"""  # noqa: E501
-    path = tmp_path / "limits.yaml"
-    path.write_text(text)
-    app = ready_app(load_config(path, ENV), fake)
-    try:
+    limits = (
+        "{requests_per_minute: 60, tokens_per_minute: 600, "
+        "burst: {requests_per_minute: 1, tokens_per_minute: 12}}"
+    )
+    text = SHADOW_BATCH.format(wait=600, limits=limits)
+    async with _guard(fake, tmp_path / "limits.yaml", text) as app:
         body = {"model": "tiny", "prompt": "hi there", "max_tokens": 4}
         for _ in range(2):
             assert (await call(app, "POST", "/v1/completions", ETL, body)).status == 200
@@ -334,5 +335,3 @@ tenants:
         for bucket in quota.buckets.values():
             bucket.refill(loop_now)
         assert quota.buckets[REQUESTS].level < 0 and quota.buckets["tokens_per_minute"].level < 0
-    finally:
-        await app.upstream.close()

@@ -135,12 +135,21 @@ async def _batch_request(
                 started[0] += 1
                 first = False
             tail = (tail + chunk)[-4096:]
+    tokens = completion_tokens(tail)
+    if tokens is None:
+        raise RuntimeError("batch stream ended without usage")
+    return tokens
+
+
+def completion_tokens(tail: bytes) -> int | None:
+    """`usage.completion_tokens` from the last bytes of an SSE stream (its usage chunk,
+    sent when `stream_options.include_usage` is set); None if there is none."""
     for line in reversed(tail.split(b"\n")):
         if line.startswith(b"data: {") and b'"usage"' in line:
             usage = json.loads(line[6:]).get("usage")
             if usage:
                 return int(usage["completion_tokens"])
-    raise RuntimeError("batch stream ended without usage")
+    return None
 
 
 async def flood_with_probes(

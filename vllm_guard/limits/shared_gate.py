@@ -389,24 +389,21 @@ class SharedQuotaGate:
     ) -> bool:
         if reservation.quota is not self:
             return await self.local.overdraw_top_up(reservation, tokens, max_wait_s)
-        try:
-            reply = await self.store.top_up(self.keys, reservation.id, tokens, max_wait_s)
-        except StoreDown:
-            return False
-        self._levels = reply.levels
-        if reply.granted:
-            reservation.tokens += tokens
-            if reservation.id in self._open:
-                self._open[reservation.id] += tokens
-        return reply.granted
+        return await self._top_up(reservation, tokens, max_wait_s)
 
     # -- the rest of the contract -------------------------------------------------------------
 
     async def top_up(self, reservation: Reservation, tokens: int) -> bool:
         if reservation.quota is not self:
             return await self.local.top_up(reservation, tokens)
+        return await self._top_up(reservation, tokens)
+
+    async def _top_up(
+        self, reservation: Reservation, tokens: int, overdraw_within_s: float | None = None
+    ) -> bool:
+        """A top-up of a reservation in Redis (into debt within `overdraw_within_s`)."""
         try:
-            reply = await self.store.top_up(self.keys, reservation.id, tokens)
+            reply = await self.store.top_up(self.keys, reservation.id, tokens, overdraw_within_s)
         except StoreDown:
             return False
         self._levels = reply.levels
