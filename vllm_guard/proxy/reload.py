@@ -97,7 +97,7 @@ def request_reload(pid: int, timeout_s: float = 10.0) -> tuple[int, str]:
     if b"vllm-guard" not in args and b"vllm_guard" not in args:
         return 2, f"process {pid} is not vllm-guard (SIGHUP would end most programs)"
     path = status_path(pid)
-    before = _attempts(path)
+    before = _attempts(_read(path))
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
@@ -107,7 +107,7 @@ def request_reload(pid: int, timeout_s: float = 10.0) -> tuple[int, str]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         answer = _read(path)
-        if answer is not None and _attempts(path, answer) > before:
+        if answer is not None and _attempts(answer) > before:
             return (0 if answer.get("ok") else 1), str(answer.get("message", ""))
         time.sleep(0.05)
     return 1, f"process {pid} did not report a reload within {timeout_s:g} s"
@@ -121,8 +121,8 @@ def _read(path: Path) -> dict[str, object] | None:
     return value if isinstance(value, dict) else None
 
 
-def _attempts(path: Path, answer: dict[str, object] | None = None) -> int:
-    answer = answer or _read(path)
+def _attempts(answer: dict[str, object] | None) -> int:
+    """The reload attempts a status file's content counts (0: none or unreadable)."""
     attempts = answer.get("attempts", 0) if answer else 0
     return attempts if isinstance(attempts, int) else 0
 
