@@ -31,14 +31,26 @@ STARTUP_TIMEOUT_S = 600
 class Stack(testing.Stack):
     """The session's stack (vllm_guard.testing.Stack) with the helpers the tests share."""
 
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.open_clients: list[openai.OpenAI] = []
+
     @property
     def url(self) -> str:
         return self.guard_url
 
     def client(self, key: str = "CHAT_UI_KEY", **kw) -> openai.OpenAI:
+        """Closed after the test that made it (`_close_clients`): a client left to the garbage
+        collector warns of its unclosed socket inside whichever test runs then, failing it."""
         kw.setdefault("max_retries", 0)
         kw.setdefault("timeout", 120)
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=KEYS[key], **kw)
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key=KEYS[key], **kw)
+        self.open_clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        while self.open_clients:
+            self.open_clients.pop().close()
 
     def async_client(self, key: str = "CHAT_UI_KEY", **kw) -> openai.AsyncOpenAI:
         kw.setdefault("max_retries", 0)
@@ -107,3 +119,10 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(autouse=True)
+def _close_clients(request) -> Iterator[None]:
+    yield
+    if "stack" in request.fixturenames:
+        request.getfixturevalue("stack").close_clients()

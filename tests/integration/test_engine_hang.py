@@ -99,6 +99,7 @@ async def _run() -> dict:
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(core, signal.SIGCONT)
+            client.close()
         return outcome
 
 

@@ -29,8 +29,11 @@ def test_chat_streaming(stack):
         extra_body={"ignore_eos": True},
     )
     chunks = list(stream)
+    # Tokens are counted from usage: vLLM puts several tokens in one chunk when its output
+    # runs ahead of the stream, so the number of chunks is not the number of tokens.
     assert chunks[-1].usage.completion_tokens == 12
-    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content is not None) >= 12
+    assert any(c.choices and c.choices[0].delta.content for c in chunks)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
 def test_completions_both_ways(stack):
@@ -45,10 +48,14 @@ def test_completions_both_ways(stack):
             prompt="Once upon",
             max_tokens=5,
             stream=True,
+            stream_options={"include_usage": True},
             extra_body={"ignore_eos": True},
         )
     )
-    assert len([c for c in chunks if c.choices]) == 5
+    # From usage, not by counting chunks (a chunk can carry several tokens; a clean-clone CI
+    # run saw 4 chunks for 5 tokens).
+    assert chunks[-1].usage.completion_tokens == 5
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
 def test_bad_key_is_401(stack):
