@@ -354,3 +354,39 @@ async def test_a_reload_during_an_outage_releases_holds_only_where_they_were_tak
         g.settle(first, 1)
     finally:
         redis_server.resume()
+
+
+async def test_shadow_mode_overdraws_the_local_buckets_while_redis_is_down(
+    redis_server: RedisServer, stores
+):
+    """Redis cannot be reached, posture local: a shadow tenant's would-be delays are charged
+    into debt on this replica's local buckets, as enforcement would have made them wait
+    there, so the requests behind them see that debt; the ones still running when Redis
+    answers again are taken into Redis like any request the local buckets admitted."""
+    from vllm_guard.core.quota import REQUESTS
+    from vllm_guard.proxy.shadow import ShadowGate
+
+    counted: list[str] = []
+    limits = Limits(requests_per_minute=60, burst={"requests_per_minute": 1})
+    inner = gate(stores[0], limits, "local", replicas=1)
+    shadow = ShadowGate(inner, counted.append, max_wait_s=30)
+    redis_server.pause()
+    held = [await shadow.reserve(1, max_wait_s=30) for _ in range(4)]
+    assert counted == [REQUESTS] * 3
+    assert all(isinstance(r, Reservation) and r.quota is inner._local_quota for r in held)
+    bucket = inner._local_quota.buckets[REQUESTS]
+    bucket.refill(asyncio.get_running_loop().time())
+    assert bucket.level == pytest.approx(-3, abs=0.2)  # three would-be waits, as debt
+    redis_server.resume()
+    probing = asyncio.create_task(stores[0].run())
+    try:
+        while not stores[0].up or stores[0].pending:
+            await asyncio.sleep(0.05)
+        reply = await stores[0].check(inner.keys, 0)
+        assert reply.in_flight == 4  # all four, with leases in Redis
+        for r in held:
+            shadow.settle(r, 1)
+        await asyncio.sleep(0.2)
+        assert (await stores[0].check(inner.keys, 0)).in_flight == 0
+    finally:
+        probing.cancel()

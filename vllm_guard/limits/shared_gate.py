@@ -369,20 +369,30 @@ class SharedQuotaGate:
     # -- shadow mode ------------------------------------------------------------------------
 
     async def overdraw(self, tokens: int) -> Reservation | None:
-        """Charge one request in Redis whatever the buckets say (see `TenantGate`); None
-        while Redis cannot be reached (served uncharged: local buckets are not overdrawn)."""
-        if not self.store.up:
+        """Charge one request in Redis whatever the buckets say (see `TenantGate`). While
+        Redis cannot be reached, on this replica's local buckets as a request they admit
+        (posture `local`; None under `reject`, which serves no one meanwhile)."""
+        if self.store.up:
+            rid = self.store.new_id()
+            self._leave_local()
+            try:
+                reply = await self.store.reserve(self.keys, rid, tokens, overdraw=True)
+            except StoreDown:
+                pass
+            else:
+                self._levels = reply.levels
+                self._local_quota.in_flight += 1
+                self._open[rid] = tokens
+                return Reservation(self, tokens, rid)
+        if self.posture == "reject":
             return None
-        rid = self.store.new_id()
-        self._leave_local()
-        try:
-            reply = await self.store.reserve(self.keys, rid, tokens, overdraw=True)
-        except StoreDown:
-            return None
-        self._levels = reply.levels
-        self._local_quota.in_flight += 1
-        self._open[rid] = tokens
-        return Reservation(self, tokens, rid)
+        if not self._on_local:
+            self._on_local = True
+            self._start_local()
+        overdrawn = await self.local.overdraw(tokens)
+        if overdrawn is not None:
+            self._local_open.add(overdrawn)  # charged to Redis when it answers again
+        return overdrawn
 
     async def overdraw_top_up(
         self, reservation: Reservation, tokens: int, max_wait_s: float

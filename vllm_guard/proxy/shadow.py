@@ -10,7 +10,7 @@ the refusals it counts are the ones enforcement would have made for the same tra
 - one enforcement would make wait is served at once and charged now, into debt
   (`overdraw`, in-process or in Redis): refill pays the debt off exactly when the wait
   would have ended, so the requests behind it see what they would have seen. (While Redis
-  cannot be reached such a request is served uncharged.)
+  cannot be reached, on the replica's local buckets under `on_store_down: local`.)
 
 Each would-be refusal or delay is counted once per request (`on_shadow(dimension)`: the
 `action="shadow"` series); the request carries the x-ratelimit-* headers it would have had.
