@@ -493,3 +493,25 @@ def test_a_reload_applies_new_class_limits_and_waiters_keep_their_deadlines(conf
     assert adm.release(held[0], 16.0) == []
     assert adm.release(held[1], 16.0) == [early]
     assert adm.enter(new_inter, 16.0)[0] is Decision.ADMITTED  # interactive's 2 reserved
+
+
+def test_a_reload_below_a_requests_sequences_refuses_it_at_once(config):
+    """A request of n sequences fits its class when it arrives; a reload then lowers the
+    class's slots below n. It could never be admitted: whether it already waits or enters
+    just after the reload (it arrived under the old rules), it is answered TOO_LARGE at
+    once, not left to wait out its max_wait_s."""
+    adm, _, batch = _setup(config)  # S=4, interactive reserves 1: batch has 3 slots
+    held = adm.enter(batch, 0.0)[1]
+    _, waiting = adm.enter(batch, 0.0, seqs=3)  # fits the class, not the free slots
+    assert waiting.state is TicketState.WAITING
+    fewer = parse_config(
+        BASE_CONFIG.replace("reserved_seqs: 1", "reserved_seqs: 2"), "test.yaml", KEYS
+    )
+    assert adm.reconfigure(fewer.classes) == [waiting]
+    assert waiting.state is TicketState.TOO_LARGE
+    assert adm.statistics()[1].queued == 0
+    assert adm.max_seqs(batch) == 2  # the class as it is now, whatever object asks
+    decision, late = adm.enter(batch, 1.0, seqs=3)  # `batch`: the rules it arrived under
+    assert decision is Decision.TOO_LARGE and late.state is TicketState.TOO_LARGE
+    assert adm.in_flight == 1
+    assert adm.release(held, 2.0) == []

@@ -196,6 +196,27 @@ async def test_class_settings_reload_and_waiters_keep_their_deadline(setup, fake
     assert [r.status for r in await asyncio.gather(*tasks, queued)] == [200, 200, 200]
 
 
+async def test_a_waiter_the_lowered_slots_can_never_fit_gets_its_400_at_once(setup, fake):
+    """A batch request of n=3 waits for batch's 3 slots; a reload leaves batch 2. It could
+    never run: answered 400 at once (as it would be on arrival now), not after max_wait_s,
+    and it holds nothing."""
+    app, path = setup
+    fake.mode = "hang"
+    running = asyncio.create_task(call(app, "POST", "/v1/completions", ETL, BODY))
+    await until(lambda: fake.active == 1)
+    three = asyncio.create_task(call(app, "POST", "/v1/completions", ETL, {**BODY, "n": 3}))
+    await until(lambda: app.admission.statistics()[1].queued == 1)
+    reload(app, path, CONFIG.replace("reserved_seqs: 1", "reserved_seqs: 2"))
+    refused = await asyncio.wait_for(three, 1)
+    assert refused.status == 400
+    error = refused.json()["error"]
+    assert error["param"] == "n" and "runs at most 2 at once" in error["message"]
+    assert app.admission.statistics()[1].queued == 0
+    assert app.quota_gates["nightly-etl"].quota.in_flight == 1  # the running one only
+    fake.release.set()
+    assert (await running).status == 200
+
+
 async def test_the_anonymous_tenant_reloads_with_the_tenants(setup):
     app, path = setup
     assert (await call(app, "POST", "/v1/completions", {}, BODY)).status == 401

@@ -61,6 +61,8 @@ class TicketState(enum.Enum):
     ADMITTED = "admitted"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
+    TOO_LARGE = "too_large"
+    """More sequences than its class may ever run: a reload lowered the class's slots."""
 
 
 class Ticket:
@@ -107,6 +109,7 @@ class Decision(enum.Enum):
     ADMITTED = "admitted"
     QUEUED = "queued"
     QUEUE_FULL = "queue_full"
+    TOO_LARGE = "too_large"
 
 
 class ClassStats(NamedTuple):
@@ -251,12 +254,16 @@ class Admission:
     ) -> tuple[Decision, Ticket]:
         """Admit at once, queue, or refuse. A QUEUED ticket is later returned by
         `release` (admitted), `dispatch` (after an engine update) or `expire` (timed
-        out), unless the caller `cancel`s it. `seqs` must be at most `max_seqs(class)`;
-        `affinity`: the engine it would rather run on (-1: none)."""
-        assert 1 <= seqs <= self.max_seqs(priority_class), seqs
+        out), unless the caller `cancel`s it. TOO_LARGE: `seqs` is over `max_seqs(class)`
+        (checked when the request arrived, so a reload lowered it since). `affinity`: the
+        engine it would rather run on (-1: none)."""
+        assert seqs >= 1, seqs
         state = self._by_rank[priority_class.rank]
         ticket = Ticket(priority_class, now, None, tenant, cost, weight, kv, seqs)
         ticket.affinity = affinity
+        if seqs > self.max_seqs(priority_class):
+            ticket.state = TicketState.TOO_LARGE
+            return Decision.TOO_LARGE, ticket
         if self._nobody_waiting_up_to(state.spec.rank) and (engine := self._place(state, ticket)):
             self._take(state, ticket, engine)
             return Decision.ADMITTED, ticket
@@ -313,10 +320,19 @@ class Admission:
     def reconfigure(self, classes: Iterable[PriorityClass]) -> list[Ticket]:
         """New class settings (a config reload; the same classes, by rank): slot and KV
         limits, queue sizes and waits apply from now; tickets already waiting keep their
-        deadlines, admitted ones their slots. Returns the waiters the new limits admit."""
+        deadlines, admitted ones their slots. Returns the waiters the new limits admit, and
+        those (TOO_LARGE) with more sequences than their class may now ever run."""
+        too_large = []
         for spec in classes:
-            self._by_rank[spec.rank].spec = spec
-        return self.dispatch()
+            state = self._by_rank[spec.rank]
+            state.spec = spec
+            limit = self.max_seqs(spec)
+            for _, _, ticket in list(state.heap):
+                if ticket.state is TicketState.WAITING and ticket.seqs > limit:
+                    ticket.state = TicketState.TOO_LARGE
+                    too_large.append(ticket)
+                    state.left()
+        return too_large + self.dispatch()
 
     @property
     def kv_known(self) -> bool:
@@ -325,8 +341,9 @@ class Admission:
 
     def max_seqs(self, priority_class: PriorityClass) -> int:
         """The most sequences one request of this class may run: what the class could ever
-        hold at once (never more than the engine's S, whatever queue_ahead adds)."""
-        return min(priority_class.slot_limit, self.max_num_seqs)
+        hold at once (never more than the engine's S, whatever queue_ahead adds), under its
+        settings now (a request that arrived before a reload carries the old ones)."""
+        return min(self._by_rank[priority_class.rank].spec.slot_limit, self.max_num_seqs)
 
     def kv_headroom(self, priority_class: PriorityClass) -> float:
         """KV tokens a ticket of this class could reserve now on the roomiest engine that is

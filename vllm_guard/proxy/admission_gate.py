@@ -36,6 +36,16 @@ class Refused(Exception):
         self.retry_after_s = retry_after_s
 
 
+class TooManySequences(Exception):
+    """The request runs more sequences than its class may now ever run at once (a reload
+    lowered the class's slots after the request was checked): a 400, like one that arrives
+    so."""
+
+    def __init__(self, max_seqs: int) -> None:
+        super().__init__(f"at most {max_seqs} sequences")
+        self.max_seqs = max_seqs
+
+
 class Gate:
     def __init__(
         self, admission: Admission, clock: Clock | None = None, drain_retry_after_s: float = 5.0
@@ -66,6 +76,8 @@ class Gate:
             return ticket
         if decision is Decision.QUEUE_FULL:
             raise self._refusal(RefusalReason.QUEUE_FULL, priority_class)
+        if decision is Decision.TOO_LARGE:
+            raise TooManySequences(self.admission.max_seqs(priority_class))
         waker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         ticket.waker = waker
         self._arm(priority_class)
@@ -77,6 +89,8 @@ class Gate:
             else:
                 self.wake(self.admission.cancel(ticket))
             raise
+        if ticket.state is TicketState.TOO_LARGE:
+            raise TooManySequences(self.admission.max_seqs(priority_class))
         if ticket.state is TicketState.EXPIRED:
             if self.draining:
                 raise Refused(

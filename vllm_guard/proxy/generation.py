@@ -30,7 +30,7 @@ from vllm_guard.core.cost import (
 )
 from vllm_guard.engine.state import AnyEngine, EngineState
 from vllm_guard.proxy import responses
-from vllm_guard.proxy.admission_gate import Gate, Refused, retry_after_header
+from vllm_guard.proxy.admission_gate import Gate, Refused, TooManySequences, retry_after_header
 from vllm_guard.proxy.body import ParsedRequest, dump, parse_request
 from vllm_guard.proxy.charge import ratelimit_headers
 from vllm_guard.proxy.classify import clamp_priority, resolve_class
@@ -265,6 +265,9 @@ class Generation:
                 )
             except Refused as refused:
                 return await self._refuse(send, req, refused)
+            except TooManySequences as too_many:  # a reload lowered the class's slots
+                too_large = _too_many_sequences(parsed, priority_class, too_many.max_seqs)
+                return await too_large.send(send)
             if session is not None:
                 self._remember(session, ticket.engine)
             self._stop_waiting(req.usage)
