@@ -403,19 +403,28 @@ class CompiledConfig:
     spec: GuardConfig
     """What this was compiled from: the validated file, with `engine.scheduler` as run."""
     file_spec: GuardConfig | None = None
-    """The file as written, where `spec` differs from it (`with_scheduler`)."""
+    """The file as written, where `spec` may differ from it (`run_as`)."""
 
     def with_scheduler(
         self, scheduler: Literal["vllm", "guard"], env: Mapping[str, str]
     ) -> CompiledConfig:
         """The same file compiled for another `engine.scheduler` (`serve` falls back to
         `vllm`, reserved slots and worst-case KV, when the plugin cannot run)."""
-        engine = self.spec.engine.model_copy(update={"scheduler": scheduler})
-        spec = self.spec.model_copy(update={"engine": engine})
-        salt = None if self.spec.guard.cache_salt_secret else self.cache_salt_secret
-        return compile_config(
-            spec, self.source, env, cache_salt_secret=salt, file_spec=self.file_spec or self.spec
-        )
+        return self.run_as(self.file_spec or self.spec, scheduler, env)
+
+    def run_as(
+        self,
+        written: GuardConfig,
+        scheduler: Literal["vllm", "guard"] | None,
+        env: Mapping[str, str],
+    ) -> CompiledConfig:
+        """`written` (a file of this guard's, validated) compiled to run with `scheduler`,
+        and with this config's salt secret where the file sets none (so vLLM's prefix
+        caches stay valid)."""
+        engine = written.engine.model_copy(update={"scheduler": scheduler})
+        spec = written.model_copy(update={"engine": engine})
+        salt = None if written.guard.cache_salt_secret else self.cache_salt_secret
+        return compile_config(spec, self.source, env, cache_salt_secret=salt, file_spec=written)
 
 
 def compile_config(
@@ -654,18 +663,7 @@ def reload_config(running: CompiledConfig, env: Mapping[str, str]) -> CompiledCo
             f"{source}: not reloaded: {'; '.join(changed)}. These take a restart of vllm-guard "
             "(and, for engine settings, a new engine); the running config stays in force."
         )
-    run_as = spec
-    if running.file_spec is not None:  # run with the scheduler `serve` chose
-        engine = spec.engine.model_copy(update={"scheduler": running.spec.engine.scheduler})
-        run_as = spec.model_copy(update={"engine": engine})
-    salt = None if spec.guard.cache_salt_secret else running.cache_salt_secret
-    return compile_config(
-        run_as,
-        source,
-        env,
-        cache_salt_secret=salt,
-        file_spec=spec if running.file_spec is not None else None,
-    )
+    return running.run_as(spec, running.spec.engine.scheduler, env)  # the one `serve` chose
 
 
 _RELOADABLE_SETTINGS = frozenset({("guard", "anonymous_tenant")})

@@ -76,7 +76,7 @@ def test_tunes_every_batch_tenant_by_weight_and_every_queue(tmp_path: Path, monk
     step = {**_step(8, 60, 1000, 2.0), "batch_requests_per_s": 4.0}
     rec = recommend([_step(4, 40, 600), step], 100, 1, 16)
     assert rec is not None and rec["max_concurrent"] == 8
-    changes = plan(yaml.safe_load(WHOLE), rec, 100, plugin=False, slots=16)
+    changes = plan(yaml.safe_load(WHOLE), rec, 100, plugin=False)
     tuned = {".".join(path): value for path, value, _ in changes}
     assert tuned == {
         "classes.interactive.reserved_seqs": 3,  # peak 2 in flight + 1
@@ -120,7 +120,7 @@ def test_with_the_scheduler_plugin_no_slot_is_reserved(tmp_path: Path, monkeypat
     step = {**_step(8, 60, 1000, 2.0), "batch_requests_per_s": 4.0}
     rec = recommend([step], 100, 1, 16)
     assert rec is not None
-    changes = plan(yaml.safe_load(WHOLE), rec, 100, plugin=True, slots=16)
+    changes = plan(yaml.safe_load(WHOLE), rec, 100, plugin=True)
     tuned = {".".join(path): value for path, value, _ in changes}
     assert "classes.interactive.reserved_seqs" not in tuned
     assert tuned["tenants.nightly-etl.limits.max_concurrent"] == 6

@@ -50,7 +50,7 @@ Change = tuple[tuple[str, ...], Any, str]
 
 
 def plan(
-    raw: dict[str, Any], rec: dict[str, Any], objective_ms: float, plugin: bool, slots: int
+    raw: dict[str, Any], rec: dict[str, Any], objective_ms: float, plugin: bool
 ) -> list[Change]:
     """What `tune` changes in the whole config (`raw`, the file as loaded), from the sweep's
     recommendation: every tenant of a less urgent class its share, by `weight`, of the batch
@@ -68,13 +68,11 @@ def plan(
         f"TTFT p95 ({p95:.0f} ms) within {objective_ms:g} ms"
     )
     changes: list[Change] = []
-    reserved = raw["classes"][urgent].get("reserved_seqs", 0)
     if not plugin:
-        reserved = rec["reserved_seqs"]
         changes.append(
             (
                 ("classes", urgent, "reserved_seqs"),
-                reserved,
+                rec["reserved_seqs"],
                 f"peak {step['interactive_in_flight_max']:.0f} {urgent} requests in flight "
                 f"{at}, plus one",
             )

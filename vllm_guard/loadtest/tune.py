@@ -75,12 +75,17 @@ def _options(args: argparse.Namespace) -> argparse.Namespace:
     )
 
 
-def _guard_sample(metrics_url: str) -> dict[str, float]:
+def _metrics_text(metrics_url: str) -> str:
+    """The guard's /metrics ('' when it does not answer)."""
     try:
-        text = requests.get(metrics_url + "/metrics", timeout=5).text
+        return requests.get(metrics_url + "/metrics", timeout=5).text
     except requests.RequestException:
-        return {}
+        return ""
+
+
+def _guard_sample(metrics_url: str) -> dict[str, float]:
     out: dict[str, float] = {}
+    text = _metrics_text(metrics_url)
     for m in re.finditer(r"^(vllm_guard_[a-z_]+)(\{[^}]*\})? (\S+)$", text, re.M):
         name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
         key = name + labels
@@ -153,11 +158,7 @@ def run_step(
 
 def _runs_plugin(metrics_url: str) -> bool:
     """Whether the stack runs the scheduler plugin (its series are on the guard's /metrics)."""
-    try:
-        text = requests.get(metrics_url + "/metrics", timeout=5).text
-    except requests.RequestException:
-        return False
-    return "vllm_guard_scheduler_" in text
+    return "vllm_guard_scheduler_" in _metrics_text(metrics_url)
 
 
 def _tenant_of(key: str, config_path: Path) -> str:
@@ -238,7 +239,7 @@ def main_tune(args: argparse.Namespace) -> int:
     result["recommendation"] = rec
     plots(steps, args.objective_ms, out)
     if rec is not None:
-        changes = plan(raw, rec, args.objective_ms, plugin, config.max_num_seqs)
+        changes = plan(raw, rec, args.objective_ms, plugin)
         result["changes"] = changes
         header = (
             f"Written by vllm-guard tune on {time.strftime('%Y-%m-%d %H:%M')} from "

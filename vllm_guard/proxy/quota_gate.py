@@ -242,12 +242,8 @@ class QuotaGate:
                 waiters.popleft()
                 continue
             result = self.quota.try_reserve(head.tokens, now)
-            if isinstance(result, Reservation):
-                waiters.popleft()
-                head.future.set_result(result)
-                self._live -= 1
-                continue
-            if result.retry_after_s == math.inf:  # too large since a reload lowered a limit
+            # Admitted; or refused for good (too large since a reload lowered a limit).
+            if isinstance(result, Reservation) or result.retry_after_s == math.inf:
                 waiters.popleft()
                 head.future.set_result(result)
                 self._live -= 1
