@@ -189,10 +189,11 @@ class SharedQuotaGate:
                 raise
             return await self._try_once(tokens)
 
-    async def _try_once(self, tokens: int) -> Reservation | Denied:
+    async def _try_once(self, tokens: int, overdraw: bool = False) -> Reservation | Denied:
+        """One reserve in Redis (`overdraw`: whatever the buckets say; always granted)."""
         rid = self.store.new_id()
         self._leave_local()
-        reply = await self.store.reserve(self.keys, rid, tokens, self._seed_next)
+        reply = await self.store.reserve(self.keys, rid, tokens, self._seed_next, overdraw)
         self._seed_next = ()
         self._levels = reply.levels
         if reply.granted:
@@ -211,9 +212,7 @@ class SharedQuotaGate:
             self.on_fallback(self.posture)
         if self.posture == "reject":
             return STORE_DOWN
-        if not self._on_local:
-            self._on_local = True
-            self._start_local()
+        self._go_local()
         deadline = self._clock.now() + max_wait_s
         result = await self.local.reserve(tokens, max_wait_s, max_waiting)
         if result is _BACK:  # Redis answers again: wait there for what is left of the wait
@@ -235,6 +234,12 @@ class SharedQuotaGate:
                 self._open[rid] = result.tokens
                 self.store.catch_up_later(self.keys, (), 0, 0, [(rid, result.tokens)])
         return result
+
+    def _go_local(self) -> None:
+        """Charge the local buckets from now on (Redis cannot be reached)."""
+        if not self._on_local:
+            self._on_local = True
+            self._start_local()
 
     def _leave_local(self) -> None:
         """Redis answers again: tell it what this tenant's local buckets did — what their
@@ -373,22 +378,16 @@ class SharedQuotaGate:
         Redis cannot be reached, on this replica's local buckets as a request they admit
         (posture `local`; None under `reject`, which serves no one meanwhile)."""
         if self.store.up:
-            rid = self.store.new_id()
-            self._leave_local()
             try:
-                reply = await self.store.reserve(self.keys, rid, tokens, overdraw=True)
+                charged = await self._try_once(tokens, overdraw=True)
             except StoreDown:
                 pass
             else:
-                self._levels = reply.levels
-                self._local_quota.in_flight += 1
-                self._open[rid] = tokens
-                return Reservation(self, tokens, rid)
+                assert isinstance(charged, Reservation), charged
+                return charged
         if self.posture == "reject":
             return None
-        if not self._on_local:
-            self._on_local = True
-            self._start_local()
+        self._go_local()
         overdrawn = await self.local.overdraw(tokens)
         if overdrawn is not None:
             self._local_open.add(overdrawn)  # charged to Redis when it answers again
